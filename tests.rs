@@ -1,0 +1,1117 @@
+//! Tests of the broker over real sockets. Each test starts its own server on port 0 (in this
+//! process through `server::run`, or the real binary where the process itself matters), so
+//! they run in parallel. Waits are on replies, events or conditions with a deadline — never on
+//! time passing.
+
+#[path = "main.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use server::{Config, Level};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous: a reply that takes this long is a failure, not a slow machine.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+// ---- harness ----
+
+fn quiet() -> Config {
+    Config {
+        log_level: Level::Error,
+        ..Config::default()
+    }
+}
+
+async fn start(config: Config) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::run(listener, config, std::future::pending()));
+    addr
+}
+
+struct Http {
+    status: u16,
+    head: String,
+    body: Value,
+}
+
+/// One request on a fresh connection (`Connection: close`); reads the whole response.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Http {
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw_http(addr, request.as_bytes()).await
+}
+
+async fn raw_http(addr: SocketAddr, request: &[u8]) -> Http {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("response within the deadline")
+        .unwrap();
+    parse_response(&response)
+}
+
+fn parse_response(response: &[u8]) -> Http {
+    let text = String::from_utf8_lossy(response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("a complete response head");
+    let status = head[9..12].parse().unwrap();
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).expect("a JSON body")
+    };
+    Http {
+        status,
+        head: head.to_string(),
+        body,
+    }
+}
+
+async fn create(addr: SocketAddr, name: &str) {
+    let body = json!({ "name": name }).to_string();
+    let response = http(addr, "POST", "/topics", Some(&body)).await;
+    assert_eq!(response.status, 201, "{}", response.body);
+}
+
+async fn health(addr: SocketAddr) -> Value {
+    let response = http(addr, "GET", "/health", None).await;
+    assert_eq!(response.status, 200);
+    response.body
+}
+
+/// Polls `probe` until it holds or the deadline passes (then fails with the last value seen).
+async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match probe().await {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => panic!("{what}: still {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn counts_become(addr: SocketAddr, connections: u64, subscribers: u64) {
+    eventually("health counts", || async move {
+        let h = health(addr).await;
+        if h["connections"] == connections && h["subscribers"] == subscribers {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    })
+    .await;
+}
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Client {
+    ws: WsStream,
+    next_request: u64,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        Client {
+            ws,
+            next_request: 0,
+        }
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.ws
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// The next JSON message (skipping heartbeats), within the deadline.
+    async fn recv(&mut self) -> Value {
+        loop {
+            let message = timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a message within the deadline")
+                .expect("the connection is open")
+                .expect("a valid frame");
+            match message {
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] == "info" && value["msg"] == "ping" {
+                        continue;
+                    }
+                    return value;
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `message` with a fresh request_id and returns the reply to it. Events that
+    /// arrive first are returned too, in order, so no test loses one.
+    async fn request(&mut self, mut message: Value) -> (Value, Vec<Value>) {
+        self.next_request += 1;
+        let id = format!("r{}", self.next_request);
+        message["request_id"] = json!(id);
+        self.send(message).await;
+        let mut before = Vec::new();
+        loop {
+            let reply = self.recv().await;
+            if reply["request_id"] == json!(id) {
+                return (reply, before);
+            }
+            before.push(reply);
+        }
+    }
+
+    async fn subscribe(&mut self, topic: &str, last_n: u64) -> Vec<Value> {
+        let (ack, before) = self
+            .request(json!({"type":"subscribe","topic":topic,"last_n":last_n}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        before
+    }
+
+    async fn publish(&mut self, topic: &str, payload: Value) -> u64 {
+        let (ack, _) = self
+            .request(json!({"type":"publish","topic":topic,"message":{"payload":payload}}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        ack["seq"].as_u64().unwrap()
+    }
+
+    async fn event(&mut self) -> Value {
+        let event = self.recv().await;
+        assert_eq!(event["type"], "event", "{event}");
+        event
+    }
+
+    async fn close_code(&mut self) -> Option<CloseCode> {
+        loop {
+            match timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("close within deadline")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+fn seq(event: &Value) -> u64 {
+    event["seq"].as_u64().unwrap()
+}
+
+// ---- 1. fan-out ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_subscribers_each_get_all_fifty_messages_in_order() {
+    let addr = start(quiet()).await;
+    create(addr, "orders").await;
+    let mut subscribers = Vec::new();
+    for _ in 0..50 {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("orders", 0).await;
+        subscribers.push(client);
+    }
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..50 {
+        assert_eq!(publisher.publish("orders", json!({ "n": i })).await, i + 1);
+    }
+    let readers = subscribers.into_iter().map(|mut client| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..50 {
+                let event = client.event().await;
+                got.push((
+                    seq(&event),
+                    event["message"]["payload"]["n"].as_u64().unwrap(),
+                ));
+            }
+            got
+        })
+    });
+    for reader in readers {
+        let got = reader.await.unwrap();
+        let expected: Vec<(u64, u64)> = (0..50).map(|i| (i + 1, i)).collect();
+        assert_eq!(got, expected);
+    }
+}
+
+// ---- 2. backpressure ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_subscriber_drops_oldest_and_is_told_exactly_how_many() {
+    const TOTAL: u64 = 5000;
+    let addr = start(Config {
+        queue_size: 16,
+        ..quiet()
+    })
+    .await;
+    create(addr, "flood").await;
+    let mut slow = Client::connect(addr).await;
+    slow.subscribe("flood", 0).await;
+
+    // The publisher keeps a window of unacknowledged publishes; its acks must keep coming
+    // while the subscriber reads nothing at all.
+    let filler = "x".repeat(4096);
+    let publisher = Client::connect(addr).await;
+    let (mut sink, mut acks) = publisher.ws.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            let message = json!({"type":"publish","topic":"flood","message":{"payload":{"i":i,"fill":filler}}});
+            sink.send(Message::Text(message.to_string().into()))
+                .await
+                .unwrap();
+        }
+        sink
+    });
+    let mut last_seq = 0;
+    for _ in 0..TOTAL {
+        let frame = timeout(DEADLINE, acks.next())
+            .await
+            .expect("acks keep coming")
+            .unwrap()
+            .unwrap();
+        let ack: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        assert_eq!(ack["type"], "ack");
+        last_seq = seq(&ack);
+    }
+    let _sink = sender.await.unwrap();
+    assert_eq!(last_seq, TOTAL);
+
+    // Now the subscriber reads: ascending seqs, the newest at the end, drops accounted for.
+    let mut received = Vec::new();
+    let mut dropped = 0;
+    while received.len() as u64 + dropped < TOTAL {
+        let message = slow.recv().await;
+        match message["type"].as_str() {
+            Some("event") => received.push(seq(&message)),
+            Some("error") => {
+                assert_eq!(message["error"]["code"], "SLOW_CONSUMER");
+                dropped += message["dropped"].as_u64().unwrap();
+            }
+            _ => panic!("unexpected {message}"),
+        }
+    }
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "seqs ascend");
+    assert!(
+        dropped > 0,
+        "a subscriber that read nothing must have lost events"
+    );
+    let newest: Vec<u64> = (TOTAL - 7..=TOTAL).collect();
+    assert_eq!(received[received.len() - 8..], newest[..]);
+    assert_eq!(received.len() as u64 + dropped, TOTAL);
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(stats["topics"]["flood"]["dropped"], dropped);
+    assert_eq!(stats["topics"]["flood"]["messages"], TOTAL);
+}
+
+// ---- 3. replay ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_on_a_quiet_topic_returns_the_last_n_then_goes_live() {
+    let addr = start(quiet()).await;
+    create(addr, "quiet").await;
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..100 {
+        publisher.publish("quiet", json!(i)).await;
+    }
+    let mut subscriber = Client::connect(addr).await;
+    assert!(
+        subscriber.subscribe("quiet", 20).await.is_empty(),
+        "ack comes first"
+    );
+    for expected in 81..=100 {
+        let event = subscriber.event().await;
+        assert_eq!(seq(&event), expected);
+        assert_eq!(event["replay"], true);
+        assert_eq!(event["message"]["payload"], expected - 1);
+    }
+    assert_eq!(publisher.publish("quiet", json!(100)).await, 101);
+    let live = subscriber.event().await;
+    assert_eq!(seq(&live), 101);
+    assert!(
+        live.get("replay").is_none(),
+        "live events carry no replay marker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_while_publishing_has_no_gap_and_no_duplicate() {
+    let addr = start(quiet()).await;
+    create(addr, "busy").await;
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..50 {
+        publisher.publish("busy", json!(i)).await;
+    }
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let publishing = tokio::spawn(async move {
+        let mut last = 0;
+        loop {
+            if stop_rx.try_recv().is_ok() {
+                return last;
+            }
+            last = publisher.publish("busy", json!("live")).await;
+        }
+    });
+    for _ in 0..5 {
+        let mut subscriber = Client::connect(addr).await;
+        assert!(subscriber.subscribe("busy", 20).await.is_empty());
+        let replayed: Vec<u64> = {
+            let mut v = Vec::new();
+            for _ in 0..20 {
+                let event = subscriber.event().await;
+                assert_eq!(event["replay"], true, "{event}");
+                v.push(seq(&event));
+            }
+            v
+        };
+        let k = *replayed.last().unwrap();
+        assert_eq!(replayed, (k - 19..=k).collect::<Vec<_>>());
+        for expected in k + 1..k + 21 {
+            let event = subscriber.event().await;
+            assert!(event.get("replay").is_none());
+            assert_eq!(seq(&event), expected);
+        }
+    }
+    stop_tx.send(()).unwrap();
+    assert!(publishing.await.unwrap() > 50);
+}
+
+// ---- 4. delete ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_topic_tells_every_subscriber_and_keeps_them_connected() {
+    let addr = start(quiet()).await;
+    create(addr, "doomed").await;
+    create(addr, "other").await;
+    let mut subscribers = Vec::new();
+    for _ in 0..10 {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("doomed", 0).await;
+        subscribers.push(client);
+    }
+    let response = http(addr, "DELETE", "/topics/doomed", None).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, json!({"status":"deleted","topic":"doomed"}));
+    let mut publisher = Client::connect(addr).await;
+    let (error, _) = publisher
+        .request(json!({"type":"publish","topic":"doomed","message":{"payload":1}}))
+        .await;
+    assert_eq!(error["error"]["code"], "TOPIC_NOT_FOUND");
+    // Re-created under the same name: the old subscribers must not receive its events.
+    create(addr, "doomed").await;
+    assert_eq!(publisher.publish("doomed", json!("new")).await, 1);
+    for client in &mut subscribers {
+        let notice = client.recv().await;
+        assert_eq!(notice["type"], "info");
+        assert_eq!(notice["msg"], "topic_deleted");
+        assert_eq!(notice["topic"], "doomed");
+        // Still connected and served: a ping, and a subscription to another topic.
+        let (pong, before) = client.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        assert!(
+            before.is_empty(),
+            "nothing more from the deleted topic: {before:?}"
+        );
+    }
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(stats["topics"]["doomed"]["subscribers"], 0);
+    assert_eq!(stats["topics"]["doomed"]["messages"], 1);
+}
+
+// ---- 5. concurrent create/delete ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_and_deletes_leave_the_registry_consistent() {
+    let addr = start(quiet()).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let name = format!("t{}", i % 10);
+        let delete = i % 3 == 0;
+        tasks.push(tokio::spawn(async move {
+            if delete {
+                let r = http(addr, "DELETE", &format!("/topics/{name}"), None).await;
+                (name, "delete", r.status)
+            } else {
+                let body = json!({ "name": name }).to_string();
+                let r = http(addr, "POST", "/topics", Some(&body)).await;
+                (name, "create", r.status)
+            }
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    // Per name, successful creates and deletes alternate, so the final state is decided by
+    // their difference: 1 → exists, 0 → gone.
+    let listed = http(addr, "GET", "/topics", None).await.body;
+    let names: HashSet<String> = listed["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    for i in 0..10 {
+        let name = format!("t{i}");
+        let created = outcomes
+            .iter()
+            .filter(|(n, op, s)| *n == name && *op == "create" && *s == 201)
+            .count();
+        let deleted = outcomes
+            .iter()
+            .filter(|(n, op, s)| *n == name && *op == "delete" && *s == 200)
+            .count();
+        for (n, op, status) in &outcomes {
+            if *n == name {
+                let ok = matches!(
+                    (*op, *status),
+                    ("create", 201 | 409) | ("delete", 200 | 404)
+                );
+                assert!(ok, "{op} {n} → {status}");
+            }
+        }
+        assert!(
+            created == deleted || created == deleted + 1,
+            "{name}: {created} created, {deleted} deleted"
+        );
+        assert_eq!(names.contains(&name), created == deleted + 1, "{name}");
+    }
+    assert_eq!(health(addr).await["topics"], names.len());
+}
+
+// ---- 6. many publishers, many subscribers, one order ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishers_produce_one_order_for_every_subscriber() {
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 200;
+    let addr = start(quiet()).await;
+    create(addr, "shared").await;
+    let mut readers = Vec::new();
+    for _ in 0..5 {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("shared", 0).await;
+        readers.push(tokio::spawn(async move {
+            let mut order = Vec::new();
+            for _ in 0..PUBLISHERS * EACH {
+                let event = client.event().await;
+                let p = &event["message"]["payload"];
+                order.push((
+                    seq(&event),
+                    p["p"].as_u64().unwrap(),
+                    p["i"].as_u64().unwrap(),
+                ));
+            }
+            order
+        }));
+    }
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for i in 0..EACH {
+                    client.publish("shared", json!({"p": p, "i": i})).await;
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let mut orders = Vec::new();
+    for reader in readers {
+        orders.push(reader.await.unwrap());
+    }
+    let first = &orders[0];
+    let seqs: Vec<u64> = first.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(seqs, (1..=PUBLISHERS * EACH).collect::<Vec<_>>());
+    for p in 0..PUBLISHERS {
+        let own: Vec<u64> = first
+            .iter()
+            .filter(|(_, q, _)| *q == p)
+            .map(|(_, _, i)| *i)
+            .collect();
+        assert_eq!(
+            own,
+            (0..EACH).collect::<Vec<_>>(),
+            "publisher {p}'s messages keep their order"
+        );
+    }
+    for other in &orders[1..] {
+        assert_eq!(other, first, "every subscriber sees the same order");
+    }
+}
+
+// ---- 7. abrupt disconnect ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abrupt_disconnects_return_the_counts_to_the_truth() {
+    let addr = start(quiet()).await;
+    create(addr, "a").await;
+    create(addr, "b").await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("a", 0).await;
+        client.subscribe("b", 0).await;
+        clients.push(client);
+    }
+    counts_become(addr, 20, 40).await;
+    // Dropping the client closes the TCP connection with no WebSocket close handshake.
+    drop(clients);
+    counts_become(addr, 0, 0).await;
+    let mut again = Client::connect(addr).await;
+    again.subscribe("a", 0).await;
+    counts_become(addr, 1, 1).await;
+    let mut publisher = Client::connect(addr).await;
+    let seq_published = publisher.publish("a", json!("after")).await;
+    assert_eq!(seq(&again.event().await), seq_published);
+}
+
+// ---- 8. error paths ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_errors_follow_the_contract() {
+    let addr = start(Config {
+        max_subscriptions: 2,
+        ..quiet()
+    })
+    .await;
+    create(addr, "real").await;
+    let mut client = Client::connect(addr).await;
+
+    client.send_text("{not json").await;
+    let reply = client.recv().await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["error"]["code"], "BAD_REQUEST");
+    assert!(reply["ts"].as_str().unwrap().ends_with('Z'));
+
+    let cases = [
+        json!({"type":"dance"}),
+        json!({"type": 7}),
+        json!({"topic":"real"}),
+        json!({"type":"subscribe"}),
+        json!({"type":"subscribe","topic":""}),
+        json!({"type":"subscribe","topic":"bad name"}),
+        json!({"type":"subscribe","topic":"x".repeat(129)}),
+        json!({"type":"subscribe","topic":"a/b"}),
+        json!({"type":"subscribe","topic":"real","last_n":-1}),
+        json!({"type":"subscribe","topic":"real","last_n":1.5}),
+        json!({"type":"subscribe","topic":"real","last_n":"5"}),
+        json!({"type":"publish","topic":"real"}),
+        json!({"type":"publish","topic":"real","message":"hi"}),
+        json!({"type":"publish","topic":"real","message":{}}),
+        json!({"type":"publish","topic":"real","message":{"id":5,"payload":1}}),
+        json!({"type":"publish","topic":"real","message":{"id":"x".repeat(257),"payload":1}}),
+    ];
+    for case in cases {
+        let (reply, _) = client.request(case.clone()).await;
+        assert_eq!(reply["type"], "error", "{case}");
+        assert_eq!(reply["error"]["code"], "BAD_REQUEST", "{case} → {reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    for case in [
+        json!({"type":"subscribe","topic":"missing"}),
+        json!({"type":"unsubscribe","topic":"missing"}),
+        json!({"type":"publish","topic":"missing","message":{"payload":1}}),
+    ] {
+        let (reply, _) = client.request(case.clone()).await;
+        assert_eq!(reply["error"]["code"], "TOPIC_NOT_FOUND", "{case}");
+    }
+    // request_id of any JSON type is echoed verbatim.
+    for id in [json!(null), json!(42), json!({"a":[1,2]})] {
+        client.send(json!({"type":"ping","request_id":id})).await;
+        let pong = client.recv().await;
+        assert_eq!(pong["type"], "pong");
+        assert_eq!(pong["request_id"], id);
+    }
+    // A binary frame is an error, and the connection stays open.
+    client
+        .ws
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let reply = client.recv().await;
+    assert_eq!(reply["error"]["code"], "BAD_REQUEST");
+    // MAX_SUBSCRIPTIONS → LIMIT_EXCEEDED.
+    create(addr, "s1").await;
+    create(addr, "s2").await;
+    client.subscribe("s1", 0).await;
+    client.subscribe("s2", 0).await;
+    let (reply, _) = client
+        .request(json!({"type":"subscribe","topic":"real"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "LIMIT_EXCEEDED");
+    // Subscribing again to a subscribed topic is acked and changes nothing.
+    client.subscribe("s1", 0).await;
+    assert_eq!(health(addr).await["subscribers"], 2);
+    // Oversized message → close 1009.
+    let big = json!({"type":"publish","topic":"real","message":{"payload":"x".repeat(70_000)}});
+    client.send(big).await;
+    assert_eq!(client.close_code().await, Some(CloseCode::Size));
+    counts_become(addr, 0, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_errors_follow_the_contract() {
+    let addr = start(Config {
+        max_topics: 3,
+        ..quiet()
+    })
+    .await;
+    let post = |body: &'static str| async move { http(addr, "POST", "/topics", Some(body)).await };
+    for body in [
+        "{",
+        "[]",
+        r#"{"name":5}"#,
+        r#"{"name":""}"#,
+        r#"{"name":"no spaces"}"#,
+        r#"{}"#,
+    ] {
+        let r = post(body).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.body["error"]["code"], "BAD_REQUEST");
+    }
+    assert_eq!(post(r#"{"name":"t1"}"#).await.status, 201);
+    let again = post(r#"{"name":"t1"}"#).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.body["error"]["code"], "TOPIC_EXISTS");
+    assert_eq!(post(r#"{"name":"t2"}"#).await.status, 201);
+    assert_eq!(post(r#"{"name":"t3"}"#).await.status, 201);
+    let full = post(r#"{"name":"t4"}"#).await;
+    assert_eq!(full.status, 429);
+    assert_eq!(full.body["error"]["code"], "LIMIT_EXCEEDED");
+
+    let missing = http(addr, "DELETE", "/topics/nope", None).await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.body["error"]["code"], "TOPIC_NOT_FOUND");
+    let bad_name = http(addr, "DELETE", "/topics/bad%20name", None).await;
+    assert_eq!(bad_name.status, 400);
+    let unknown = http(addr, "GET", "/nowhere", None).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.body["error"]["code"], "NOT_FOUND");
+    let wrong = http(addr, "PUT", "/topics", None).await;
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.body["error"]["code"], "METHOD_NOT_ALLOWED");
+    assert!(wrong.head.contains("Allow: GET, POST"), "{}", wrong.head);
+    let wrong = http(addr, "POST", "/health", None).await;
+    assert_eq!(wrong.status, 405);
+
+    // 413 is answered without the body having been sent at all.
+    let too_big = raw_http(
+        addr,
+        b"POST /topics HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(too_big.status, 413);
+    assert_eq!(too_big.body["error"]["code"], "PAYLOAD_TOO_LARGE");
+    let mut long_head = b"GET /health HTTP/1.1\r\n".to_vec();
+    long_head.extend(format!("X-Filler: {}\r\n\r\n", "a".repeat(9000)).as_bytes());
+    let r = raw_http(addr, &long_head).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.body["error"]["code"], "HEADERS_TOO_LARGE");
+    let mut many = b"GET /health HTTP/1.1\r\n".to_vec();
+    for i in 0..150 {
+        many.extend(format!("X-{i}: 1\r\n").as_bytes());
+    }
+    many.extend(b"\r\n");
+    assert_eq!(raw_http(addr, &many).await.status, 431);
+    for bad in [
+        &b"POST /topics HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"[..],
+        b"POST /topics HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+        b"POST /topics HTTP/1.1\r\nContent-Length: five\r\n\r\n",
+        b"GET /he\xffalth HTTP/1.1\r\n\r\n",
+        b"NONSENSE\r\n\r\n",
+    ] {
+        assert_eq!(
+            raw_http(addr, bad).await.status,
+            400,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let chunked = raw_http(
+        addr,
+        b"POST /topics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await;
+    assert_eq!(chunked.status, 501);
+    // WebSocket upgrade errors.
+    let no_key = raw_http(addr, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n").await;
+    assert_eq!(no_key.status, 400);
+    let v8 = raw_http(addr, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n").await;
+    assert_eq!(v8.status, 426);
+    assert!(v8.head.contains("Sec-WebSocket-Version: 13"));
+    // And the server still serves.
+    assert_eq!(health(addr).await["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_bodies_and_counts_match_the_contract() {
+    let addr = start(quiet()).await;
+    let created = http(addr, "POST", "/topics", Some(r#"{"name":"orders"}"#)).await;
+    assert_eq!(created.body, json!({"status":"created","topic":"orders"}));
+    assert!(created.head.contains("Content-Type: application/json"));
+    create(addr, "alpha").await;
+    let mut client = Client::connect(addr).await;
+    client.subscribe("orders", 0).await;
+    client.subscribe("alpha", 0).await;
+    let mut other = Client::connect(addr).await;
+    other.subscribe("orders", 0).await;
+    other.publish("orders", json!(1)).await;
+    let topics = http(addr, "GET", "/topics", None).await.body;
+    assert_eq!(
+        topics,
+        json!({"topics":[{"name":"alpha","subscribers":1},{"name":"orders","subscribers":2}]})
+    );
+    let h = health(addr).await;
+    assert_eq!(
+        (
+            h["status"].clone(),
+            h["topics"].clone(),
+            h["subscribers"].clone(),
+            h["connections"].clone()
+        ),
+        (json!("ok"), json!(2), json!(3), json!(2))
+    );
+    assert!(h["uptime_sec"].is_u64());
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(
+        stats,
+        json!({"topics":{"alpha":{"messages":0,"subscribers":1,"dropped":0},"orders":{"messages":1,"subscribers":2,"dropped":0}}})
+    );
+    // Keep-alive: two requests on one connection.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"));
+    }
+}
+
+// ---- unsubscribe semantics ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_arrives_after_the_unsubscribe_ack() {
+    let addr = start(quiet()).await;
+    create(addr, "stream").await;
+    let mut publisher = Client::connect(addr).await;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let publishing = tokio::spawn(async move {
+        while stop_rx.try_recv().is_err() {
+            publisher.publish("stream", json!("tick")).await;
+        }
+        publisher
+    });
+    let mut subscriber = Client::connect(addr).await;
+    for _ in 0..20 {
+        subscriber.subscribe("stream", 0).await;
+        let first = seq(&subscriber.event().await);
+        let (ack, before) = subscriber
+            .request(json!({"type":"unsubscribe","topic":"stream"}))
+            .await;
+        assert_eq!(ack["type"], "ack");
+        for (expected, event) in (first + 1..).zip(&before) {
+            assert_eq!(
+                seq(event),
+                expected,
+                "live events before the ack are consecutive"
+            );
+        }
+        let (pong, after) = subscriber.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        assert!(
+            after.is_empty(),
+            "events after the unsubscribe ack: {after:?}"
+        );
+    }
+    stop_tx.send(()).unwrap();
+    let mut publisher = publishing.await.unwrap();
+    let (ack, _) = publisher
+        .request(json!({"type":"unsubscribe","topic":"stream"}))
+        .await;
+    assert_eq!(
+        ack["type"], "ack",
+        "unsubscribing a topic one never subscribed is acked"
+    );
+}
+
+// ---- 10. payload passthrough ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_pass_through_byte_for_byte() {
+    let addr = start(quiet()).await;
+    create(addr, "raw").await;
+    let mut subscriber = Client::connect(addr).await;
+    subscriber.subscribe("raw", 0).await;
+    let mut publisher = Client::connect(addr).await;
+    let payloads = [
+        r#"{"z":1,"a":2,"m":[3,2,1]}"#,
+        r#"1.50e+10"#,
+        r#"{"price":99.500,"big":12345678901234567890123}"#,
+        r#""h\u00e9llo \ud83d\ude00 — ünïcødé ✓""#,
+        r#"{ "spaced" :  [ 1 , 2 ] }"#,
+        r#"null"#,
+        r#"-0.0"#,
+    ];
+    for (i, payload) in payloads.iter().enumerate() {
+        let text = format!(
+            r#"{{"type":"publish","topic":"raw","request_id":{i},"message":{{"id":"p{i}","payload":{payload}}}}}"#
+        );
+        publisher.send_text(&text).await;
+        let ack = publisher.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let frame = timeout(DEADLINE, subscriber.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let text = frame.to_text().unwrap().to_string();
+        let expected = format!(r#""message":{{"id":"p{i}","payload":{payload}}}"#);
+        assert!(text.contains(&expected), "{text} lacks {expected}");
+    }
+}
+
+// ---- heartbeat ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_ping_and_silent_peers_are_closed() {
+    let addr = start(Config {
+        heartbeat: Duration::from_millis(200),
+        ..quiet()
+    })
+    .await;
+    let mut client = Client::connect(addr).await;
+    // A live client (tungstenite answers Pings while we read) sees info/ping frames.
+    let started = Instant::now();
+    loop {
+        let frame = timeout(DEADLINE, client.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = frame {
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] == "info" && value["msg"] == "ping" {
+                break;
+            }
+        }
+    }
+    assert!(started.elapsed() < DEADLINE);
+    // A silent peer: a raw upgrade that never answers anything.
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    counts_become(addr, 2, 0).await;
+    let mut sink = Vec::new();
+    let closed = timeout(DEADLINE, raw.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the server closed the silent connection");
+    counts_become(addr, 1, 0).await;
+}
+
+// ---- configuration ----
+
+#[test]
+fn configuration_reads_env_and_flags_and_rejects_nonsense() {
+    let env = |name: &str| match name {
+        "QUEUE_SIZE" => Some("64".to_string()),
+        "PORT" => Some("9000".to_string()),
+        _ => None,
+    };
+    let args: Vec<String> = ["--port", "0", "--log-level=debug", "--heartbeat-secs", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let config = Config::from_sources(env, &args).unwrap();
+    assert_eq!(config.queue_size, 64);
+    assert_eq!(config.port, 0, "a flag wins over the variable");
+    assert_eq!(config.log_level, Level::Debug);
+    assert!(config.heartbeat.is_zero());
+    for (name, value) in [
+        ("QUEUE_SIZE", "0"),
+        ("QUEUE_SIZE", "abc"),
+        ("PORT", "70000"),
+        ("LOG_LEVEL", "loud"),
+        ("MAX_CONNECTIONS", "-1"),
+    ] {
+        let error =
+            Config::from_sources(|n| (n == name).then(|| value.to_string()), &[]).unwrap_err();
+        assert!(error.contains(name), "{error}");
+    }
+    assert!(Config::from_sources(|_| None, &["--bogus".to_string(), "1".to_string()]).is_err());
+}
+
+#[test]
+fn the_binary_exits_2_on_bad_configuration_and_documents_its_flags() {
+    let bin = env!("CARGO_BIN_EXE_pubsub");
+    let out = Command::new(bin)
+        .env("QUEUE_SIZE", "zero")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("QUEUE_SIZE"));
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--queue-size",
+        "--replay-size",
+        "--max-message-bytes",
+        "--heartbeat-secs",
+        "--shutdown-grace-ms",
+        "--log-level",
+        "--port",
+        "--host",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}");
+    }
+}
+
+// ---- 9. graceful shutdown of the real binary ----
+
+/// The real binary on port 0; returns the child and the address from its startup line.
+/// Its stderr is drained on a thread so a full pipe can never stall it.
+fn spawn_binary(envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+        .env("PORT", "0")
+        .env("LOG_LEVEL", "info")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let addr = addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(DEADLINE)
+        .expect("the startup line names the address");
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_flushes_queued_events_and_closes_with_1001() {
+    const TOTAL: u64 = 3000;
+    let (mut child, addr) = spawn_binary(&[("QUEUE_SIZE", "10000"), ("SHUTDOWN_GRACE_MS", "2000")]);
+    create(addr, "last").await;
+    let mut subscriber = Client::connect(addr).await;
+    subscriber.subscribe("last", 0).await;
+    let mut publisher = Client::connect(addr).await;
+    let filler = "y".repeat(4096);
+    for i in 0..TOTAL {
+        publisher
+            .send(json!({"type":"publish","topic":"last","message":{"payload":{"i":i,"f":filler}}}))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < TOTAL {
+        if publisher.recv().await["type"] == "ack" {
+            acked += 1;
+        }
+    }
+    // The subscriber has read nothing yet: its events sit in the server's queue and buffers.
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut seqs = Vec::new();
+    let mut told = false;
+    loop {
+        let frame = timeout(DEADLINE, subscriber.ws.next())
+            .await
+            .expect("frames until close");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                match value["type"].as_str() {
+                    Some("event") => seqs.push(seq(&value)),
+                    Some("info") if value["msg"] == "shutdown" => told = true,
+                    _ => panic!("unexpected {value}"),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away));
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without a Close frame: {other:?}"),
+        }
+    }
+    assert!(told, "info/shutdown was sent");
+    assert_eq!(
+        seqs,
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every queued event was flushed"
+    );
+    let exit_deadline = signalled + Duration::from_millis(2000) + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < exit_deadline,
+            "the server did not exit in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
