@@ -15,6 +15,7 @@
 //! bytes. Each WebSocket connection is one task that reads requests, answers them in order, and
 //! drains its queue into the socket in batches with a single flush.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
@@ -26,7 +27,7 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -716,11 +717,46 @@ struct TopicState {
     deleted: bool,
 }
 
+/// A message's `id`: the client's (raw JSON, a string literal), or one the server assigns
+/// from the publishing connection and its count of unnamed messages.
+enum MessageId<'a> {
+    Given(&'a str),
+    Assigned(u64, u64),
+}
+
+/// Appends the decimal digits of `n` (the hot path's integers; `fmt` is slower).
+fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
 /// One published event, serialized once; every subscriber queue holds the same `Arc`.
 pub(crate) struct Event {
     topic: Arc<TopicShared>,
-    /// The complete `event` frame; cloning it is a reference-count increment.
-    frame: Utf8Bytes,
+    /// The whole WebSocket frame from `start` on: header, then the `event` JSON from
+    /// `HEADER_ROOM` on. Server frames are unmasked, so these bytes are the same for every
+    /// subscriber and a connection writes them as they are.
+    wire: Vec<u8>,
+    start: usize,
+}
+
+impl Event {
+    fn frame(&self) -> &[u8] {
+        &self.wire[self.start..]
+    }
+
+    fn text(&self) -> &[u8] {
+        &self.wire[HEADER_ROOM..]
+    }
 }
 
 impl Topic {
@@ -759,26 +795,43 @@ impl Topic {
 
     /// Assigns the next `seq` and delivers the event; `None` if the topic was deleted.
     /// `id` and `payload` are raw JSON, copied into the frame byte for byte.
-    fn publish(&self, id: &str, payload: &str) -> Option<(u64, String)> {
-        let ts = now_rfc3339();
-        let mut frame = String::with_capacity(96 + self.name.len() + id.len() + payload.len());
-        frame.push_str(r#"{"type":"event","topic":""#);
-        frame.push_str(&self.name);
-        frame.push_str(r#"","message":{"id":"#);
-        frame.push_str(id);
-        frame.push_str(r#","payload":"#);
-        frame.push_str(payload);
-        frame.push_str(r#"},"seq":"#);
+    fn publish(&self, id: MessageId, payload: &str) -> Option<(u64, Timestamp)> {
+        let ts = Timestamp::now();
+        let mut wire = Vec::with_capacity(160 + self.name.len() + payload.len());
+        wire.extend_from_slice(&[0; HEADER_ROOM]);
+        wire.extend_from_slice(br#"{"type":"event","topic":""#);
+        wire.extend_from_slice(self.name.as_bytes());
+        wire.extend_from_slice(br#"","message":{"id":"#);
+        match id {
+            MessageId::Given(raw) => wire.extend_from_slice(raw.as_bytes()),
+            MessageId::Assigned(connection, n) => {
+                wire.push(b'"');
+                push_u64(&mut wire, connection);
+                wire.push(b'-');
+                push_u64(&mut wire, n);
+                wire.push(b'"');
+            }
+        }
+        wire.extend_from_slice(br#","payload":"#);
+        wire.extend_from_slice(payload.as_bytes());
+        wire.extend_from_slice(br#"},"seq":"#);
         let mut state = self.lock();
         if state.deleted {
             return None;
         }
         let seq = state.next_seq;
         state.next_seq += 1;
-        let _ = write!(frame, r#"{seq},"ts":"{ts}"}}"#);
+        push_u64(&mut wire, seq);
+        wire.extend_from_slice(br#","ts":""#);
+        wire.extend_from_slice(ts.as_str().as_bytes());
+        wire.extend_from_slice(br#""}"#);
+        let (header, len) = frame_header(OPCODE_TEXT, wire.len() - HEADER_ROOM);
+        let start = HEADER_ROOM - len;
+        wire[start..HEADER_ROOM].copy_from_slice(&header[..len]);
         let event = Arc::new(Event {
             topic: Arc::clone(&self.shared),
-            frame: Utf8Bytes::from(frame),
+            wire,
+            start,
         });
         if state.replay_size > 0 {
             if state.ring.len() == state.replay_size {
@@ -843,6 +896,10 @@ pub(crate) struct Outbox {
     /// Wakes the connection's task; a `notify_one` with no waiter stores a permit, so a push
     /// between the task's last drain and its next wait is never lost.
     notify: Notify,
+    /// Set by the first push after the task last looked at the queue, so the pushes that
+    /// follow (the task is already woken) skip the `Notify`: one wake-up per batch, not per
+    /// event.
+    woken: AtomicBool,
     /// Topics deleted while this connection was subscribed, waiting for their notice.
     /// Bounded by the connection's subscriptions.
     deleted: Mutex<Vec<Arc<TopicShared>>>,
@@ -855,6 +912,7 @@ impl Outbox {
             queue: ArrayQueue::new(capacity),
             dropped: AtomicU64::new(0),
             notify: Notify::new(),
+            woken: AtomicBool::new(false),
             deleted: Mutex::new(Vec::new()),
             has_deleted: AtomicBool::new(false),
         }
@@ -865,7 +923,22 @@ impl Outbox {
             self.dropped.fetch_add(1, Ordering::AcqRel);
             evicted.topic.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        self.notify.notify_one();
+        self.wake();
+    }
+
+    /// Pairs with `about_to_look`: either the task sees this push when it looks at the queue,
+    /// or this call sees `woken` cleared and notifies (both sides fence, so not both miss).
+    fn wake(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Called by the connection's task before it looks at the queue.
+    fn about_to_look(&self) {
+        self.woken.store(false, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     fn topic_deleted(&self, topic: &Arc<TopicShared>) {
@@ -874,7 +947,7 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(Arc::clone(topic));
         self.has_deleted.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.wake();
     }
 
     fn take_deleted(&self) -> Vec<Arc<TopicShared>> {
@@ -1388,7 +1461,54 @@ struct Envelope<'a> {
     #[serde(borrow, default)]
     last_n: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    message: Option<&'a RawValue>,
+    message: Option<MessageField<'a>>,
+}
+
+/// `message` of a publish, decoded in the same pass as the envelope. Anything but an object
+/// is `Invalid` rather than a parse error, so the reply can still echo the `request_id`.
+enum MessageField<'a> {
+    Object(PublishedMessage<'a>),
+    Invalid,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for MessageField<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = MessageField<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                PublishedMessage::deserialize(MapAccessDeserializer::new(map))
+                    .map(MessageField::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MessageField::Invalid)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MessageField::Invalid)
+            }
+        }
+        d.deserialize_any(FieldVisitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -1408,15 +1528,15 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 #[derive(Debug, PartialEq)]
 pub(crate) enum ClientRequest<'a> {
     Subscribe {
-        topic: String,
+        topic: Cow<'a, str>,
         last_n: usize,
     },
     Unsubscribe {
-        topic: String,
+        topic: Cow<'a, str>,
     },
     /// `id` is raw JSON (a string literal) when the client gave one.
     Publish {
-        topic: String,
+        topic: Cow<'a, str>,
         id: Option<&'a str>,
         payload: &'a str,
     },
@@ -1451,23 +1571,24 @@ pub(crate) fn decode(text: &str) -> (Option<&RawValue>, Result<ClientRequest<'_>
             return (None, Err(reject("BAD_REQUEST", message)));
         }
     };
-    (envelope.request_id, decode_request(&envelope))
+    let request_id = envelope.request_id;
+    (request_id, decode_request(envelope))
 }
 
-fn decode_request<'a>(envelope: &Envelope<'a>) -> Result<ClientRequest<'a>, Reject> {
+fn decode_request(envelope: Envelope<'_>) -> Result<ClientRequest<'_>, Reject> {
     let kind = envelope
         .kind
-        .and_then(as_string)
+        .and_then(as_str)
         .ok_or_else(|| reject("BAD_REQUEST", "\"type\" must be a string"))?;
-    let topic = || -> Result<String, Reject> {
-        let topic = envelope
-            .topic
-            .and_then(as_string)
+    let topic = envelope.topic;
+    let topic = || {
+        let topic = topic
+            .and_then(as_str)
             .ok_or_else(|| reject("BAD_REQUEST", "\"topic\" is required and must be a string"))?;
         check_topic_name(&topic).map_err(|why| reject("BAD_REQUEST", why))?;
         Ok(topic)
     };
-    match kind.as_str() {
+    match &*kind {
         "subscribe" => {
             let last_n = match envelope.last_n {
                 None => 0,
@@ -1491,15 +1612,15 @@ fn decode_request<'a>(envelope: &Envelope<'a>) -> Result<ClientRequest<'a>, Reje
                 let message = "\"message\" must be an object {\"id\"?: string, \"payload\": any}";
                 reject("BAD_REQUEST", message)
             };
-            let raw = envelope.message.ok_or_else(bad_message)?;
-            let message: PublishedMessage =
-                serde_json::from_str(raw.get()).map_err(|_| bad_message())?;
+            let Some(MessageField::Object(message)) = envelope.message else {
+                return Err(bad_message());
+            };
             let payload = message
                 .payload
                 .ok_or_else(|| reject("BAD_REQUEST", "\"message.payload\" is required"))?;
             let id = match message.id {
                 None => None,
-                Some(raw) => match as_string(raw) {
+                Some(raw) => match as_str(raw) {
                     Some(id) if id.len() <= MAX_ID_LEN => Some(raw.get()),
                     Some(_) => {
                         let why = format!("\"message.id\" is longer than {MAX_ID_LEN} bytes");
@@ -1523,13 +1644,25 @@ fn decode_request<'a>(envelope: &Envelope<'a>) -> Result<ClientRequest<'a>, Reje
     }
 }
 
-fn as_string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
+/// The string a raw JSON value holds, borrowed when it has no escapes.
+fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    match json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+        Some(_) => serde_json::from_str::<String>(json).ok().map(Cow::Owned),
+        None => None,
+    }
 }
 
 /// True if `text` nests arrays and objects deeper than `limit` (brackets inside strings do
 /// not count). Runs before serde so that depth is bounded everywhere, payload included.
 pub(crate) fn json_depth_exceeds(text: &str, limit: usize) -> bool {
+    // Cheap and vectorizable: without more than `limit` opening brackets the depth cannot
+    // exceed it.
+    let opening = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+    if opening <= limit {
+        return false;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -1598,13 +1731,37 @@ impl Frame {
         self.raw("error", &json)
     }
 
-    fn finish(self) -> Message {
+    fn finish(self) -> String {
         self.finish_at(&now_rfc3339())
     }
 
-    fn finish_at(mut self, ts: &str) -> Message {
+    fn finish_at(mut self, ts: &str) -> String {
         let _ = write!(self.0, r#","ts":"{ts}"}}"#);
-        Message::Text(Utf8Bytes::from(self.0))
+        self.0
+    }
+}
+
+/// Room left before an event's JSON for its WebSocket header, the longest of which is
+/// 10 bytes (a 64-bit length).
+const HEADER_ROOM: usize = 10;
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_PING: u8 = 0x9;
+
+/// The header of an unmasked, unfragmented server frame (RFC 6455 §5.2) and its length.
+fn frame_header(opcode: u8, len: usize) -> ([u8; HEADER_ROOM], usize) {
+    let mut header = [0u8; HEADER_ROOM];
+    header[0] = 0x80 | opcode;
+    if len < 126 {
+        header[1] = len as u8;
+        (header, 2)
+    } else if len <= 0xffff {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (header, 4)
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (header, 10)
     }
 }
 
@@ -1612,28 +1769,67 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// The replayed copy of an event: the same frame with `"replay":true` before its closing brace.
-fn replay_frame(event: &Event) -> Message {
-    let live = event.frame.as_str();
-    let body = live.strip_suffix('}').unwrap_or(live);
-    Message::Text(Utf8Bytes::from(format!(r#"{body},"replay":true}}"#)))
+/// The replayed copy of an event: the same JSON with `"replay":true` before its closing brace.
+fn replay_text(event: &Event) -> Vec<u8> {
+    let live = event.text();
+    let body = live.strip_suffix(b"}").unwrap_or(live);
+    let mut text = Vec::with_capacity(body.len() + 16);
+    text.extend_from_slice(body);
+    text.extend_from_slice(br#","replay":true}"#);
+    text
 }
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T10:00:00.123Z`.
 pub(crate) fn now_rfc3339() -> String {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since_epoch.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since_epoch.subsec_millis()
-    )
+    Timestamp::now().as_str().to_string()
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T10:00:00.123Z`: 24 ASCII bytes, kept on
+/// the stack. Each thread remembers the last one it formatted, so a busy publish path formats
+/// once per millisecond rather than once per message.
+#[derive(Clone, Copy)]
+pub(crate) struct Timestamp([u8; 24]);
+
+impl Timestamp {
+    pub(crate) fn now() -> Timestamp {
+        thread_local! {
+            static LAST: std::cell::Cell<(u64, [u8; 24])> =
+                const { std::cell::Cell::new((u64::MAX, [0; 24])) };
+        }
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let millis = since_epoch.as_millis() as u64;
+        LAST.with(|last| {
+            let (cached_millis, bytes) = last.get();
+            if cached_millis == millis {
+                return Timestamp(bytes);
+            }
+            let stamp = Timestamp::format(millis);
+            last.set((millis, stamp.0));
+            stamp
+        })
+    }
+
+    fn format(millis: u64) -> Timestamp {
+        let secs = millis / 1000;
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        let text = format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            millis % 1000
+        );
+        let mut bytes = [b'0'; 24];
+        let n = text.len().min(24);
+        bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Timestamp(bytes)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000Z")
+    }
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -1654,11 +1850,14 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// Output is written in chunks of about this size, so a long drain or replay never holds
+/// more than this (plus one frame) in the connection's buffer.
+const OUT_CHUNK: usize = 64 * 1024;
+
 /// Why a session ended, for the log.
 enum End {
     Closed,
     Error(WsError),
-    Stalled,
 }
 
 impl From<WsError> for End {
@@ -1674,6 +1873,11 @@ impl From<WsError> for End {
 /// connection's subscriptions, which gives one order per connection for free: replies leave
 /// in request order, a subscribe ack precedes its replay and live events, and after an
 /// unsubscribe ack nothing of that topic follows.
+///
+/// tungstenite parses what the client sends; what the server sends is framed here, into
+/// `out`, because an event's frame is encoded once at publish time and copied as is. Before
+/// each write of `out`, tungstenite's own buffer (Pong and Close replies) is flushed, so the
+/// two never interleave inside a frame.
 struct Session {
     broker: Arc<Broker>,
     outbox: Arc<Outbox>,
@@ -1683,6 +1887,12 @@ struct Session {
     subscriptions: HashMap<String, Arc<Topic>>,
     /// The topic of the last publish, so a publisher streaming to one topic skips the map.
     last_published: Option<Arc<Topic>>,
+    /// Encoded frames not yet written to the socket.
+    out: Vec<u8>,
+    /// Reused to build acks.
+    scratch: Vec<u8>,
+    /// How long one write may wait for the socket before the peer is given up on.
+    stall: Duration,
     id: u64,
     /// Messages published without an `id`, for server-assigned ids.
     unnamed: u64,
@@ -1704,12 +1914,19 @@ impl Session {
         broker.sessions.fetch_add(1, Ordering::AcqRel);
         let id = broker.next_id.fetch_add(1, Ordering::Relaxed);
         log!(broker, Level::Debug, "connection {id} opened");
+        let stall = match broker.config.heartbeat {
+            beat if beat.is_zero() => WRITE_STALL_LIMIT,
+            beat => beat * 2,
+        };
         Session {
             outbox: Arc::new(Outbox::new(broker.config.queue_size)),
             broker,
             stop,
             subscriptions: HashMap::new(),
             last_published: None,
+            out: Vec::new(),
+            scratch: Vec::new(),
+            stall,
             id,
             unnamed: 0,
         }
@@ -1719,10 +1936,9 @@ impl Session {
         let end = self.serve(&mut ws).await;
         match end {
             End::Closed => {}
-            End::Stalled => log!(self.broker, Level::Debug, "connection {} stalled", self.id),
             End::Error(e) => {
                 log!(self.broker, Level::Debug, "connection {}: {e}", self.id);
-                // tungstenite sends no Close frame for these two; the contract wants one.
+                // tungstenite sends no Close frame for these; the contract wants one.
                 let code = match e {
                     WsError::Capacity(_) => Some(CloseCode::Size),
                     WsError::Utf8(_) => Some(CloseCode::Invalid),
@@ -1734,7 +1950,11 @@ impl Session {
                         code,
                         reason: Utf8Bytes::from(e.to_string()),
                     };
-                    let _ = timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+                    let close = async {
+                        self.write_out(&mut ws).await?;
+                        ws.close(Some(frame)).await
+                    };
+                    let _ = timeout(Duration::from_secs(1), close).await;
                 }
             }
         }
@@ -1743,13 +1963,9 @@ impl Session {
     async fn serve(&mut self, ws: &mut Ws) -> End {
         let heartbeat = self.broker.config.heartbeat;
         let beating = !heartbeat.is_zero();
-        let stall = if beating {
-            heartbeat * 2
-        } else {
-            WRITE_STALL_LIMIT
-        };
-        // Ticks at half the interval: pings go out on every other tick, and a silent peer is
-        // noticed between 2 and 2.5 intervals after the last thing it sent.
+        // Ticks at half the interval: pings go out on every other tick, and a peer silent for
+        // four ticks in a row (two intervals) is closed, between 2 and 2.5 intervals after
+        // the last thing it sent.
         let half = if beating {
             heartbeat / 2
         } else {
@@ -1758,74 +1974,160 @@ impl Session {
         let mut ticker = tokio::time::interval_at(Instant::now() + half, half);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping_due = false;
-        let mut last_heard = Instant::now();
-        let mut unflushed = false;
+        let mut heard = false;
+        let mut silent_ticks = 0;
         let outbox = Arc::clone(&self.outbox);
         if self.stop.borrow_and_update().is_some() {
             return self.goodbye(ws).await;
         }
         loop {
-            if outbox.has_work() {
-                match timeout(stall, self.drain(ws)).await {
-                    Ok(Ok(())) => unflushed = true,
-                    Ok(Err(e)) => return e.into(),
-                    Err(_) => return End::Stalled,
-                }
+            outbox.about_to_look();
+            if outbox.has_work()
+                && let Err(e) = self.drain(ws).await
+            {
+                return e.into();
             }
+            let pending = !self.out.is_empty();
             let step = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return self.goodbye(ws).await,
                 _ = ticker.tick(), if beating => {
-                    if last_heard.elapsed() >= heartbeat * 2 {
+                    silent_ticks = if std::mem::take(&mut heard) { 0 } else { silent_ticks + 1 };
+                    if silent_ticks >= 4 {
                         log!(self.broker, Level::Debug, "connection {} timed out", self.id);
                         return End::Closed;
                     }
                     ping_due = !ping_due;
-                    if !ping_due {
-                        continue;
+                    if ping_due {
+                        self.put_frame(OPCODE_PING, b"");
+                        self.put(Frame::new("info").string("msg", "ping").finish().as_bytes());
                     }
-                    unflushed = true;
-                    timeout(stall, self.ping(ws)).await
+                    continue;
                 }
                 incoming = ws.next() => {
-                    last_heard = Instant::now();
+                    heard = true;
                     match incoming {
                         None => return End::Closed,
                         Some(Err(e)) => return e.into(),
-                        Some(Ok(message)) => {
-                            unflushed = true;
-                            timeout(stall, self.on_message(ws, message)).await
-                        }
+                        Some(Ok(message)) => self.on_burst(ws, message).await,
                     }
                 }
                 _ = outbox.notify.notified() => continue,
-                _ = std::future::ready(()), if unflushed => {
-                    unflushed = false;
-                    timeout(stall, ws.flush()).await
-                }
+                // Nothing else is ready: write what the loop has gathered, in one go.
+                _ = std::future::ready(()), if pending => self.write_out(ws).await,
             };
-            match step {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return e.into(),
-                Err(_) => return End::Stalled,
+            if let Err(e) = step {
+                return e.into();
             }
         }
     }
 
-    async fn ping(&mut self, ws: &mut Ws) -> Result<(), WsError> {
-        ws.feed(Message::Ping(Default::default())).await?;
-        ws.feed(Frame::new("info").string("msg", "ping").finish())
-            .await
+    /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
+    /// client that pipelines requests costs one trip through the loop per burst, not per
+    /// message.
+    async fn on_burst(&mut self, ws: &mut Ws, first: Message) -> Result<(), WsError> {
+        const BURST: usize = 64;
+        self.on_message(ws, first).await?;
+        for _ in 1..BURST {
+            // Each message spends from the task's cooperative budget, so a client that floods
+            // publishes yields its worker to the subscribers it is feeding.
+            tokio::task::consume_budget().await;
+            match ws.next().now_or_never() {
+                Some(Some(Ok(message))) => self.on_message(ws, message).await?,
+                Some(Some(Err(e))) => return Err(e),
+                Some(None) => return Err(WsError::ConnectionClosed),
+                None => break,
+            }
+        }
+        Ok(())
     }
 
-    /// Writes up to `DRAIN_BATCH` queued events, then any drop notice and topic-deleted
-    /// notices. The caller flushes.
+    /// Appends a text frame.
+    fn put(&mut self, text: &[u8]) {
+        self.put_frame(OPCODE_TEXT, text);
+    }
+
+    fn put_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let (header, len) = frame_header(opcode, payload.len());
+        self.out.extend_from_slice(&header[..len]);
+        self.out.extend_from_slice(payload);
+    }
+
+    /// An ack, written without intermediate strings: it answers every publish.
+    fn put_ack(
+        &mut self,
+        request_id: Option<&RawValue>,
+        topic: &str,
+        seq: Option<u64>,
+        ts: Timestamp,
+    ) {
+        let mut text = std::mem::take(&mut self.scratch);
+        text.clear();
+        text.extend_from_slice(br#"{"type":"ack""#);
+        if let Some(id) = request_id {
+            text.extend_from_slice(br#","request_id":"#);
+            text.extend_from_slice(id.get().as_bytes());
+        }
+        text.extend_from_slice(br#","topic":""#);
+        text.extend_from_slice(topic.as_bytes());
+        text.extend_from_slice(br#"","status":"ok""#);
+        if let Some(seq) = seq {
+            text.extend_from_slice(br#","seq":"#);
+            push_u64(&mut text, seq);
+        }
+        text.extend_from_slice(br#","ts":""#);
+        text.extend_from_slice(ts.as_str().as_bytes());
+        text.extend_from_slice(br#""}"#);
+        self.put(&text);
+        self.scratch = text;
+    }
+
+    fn put_error(&mut self, request_id: Option<&RawValue>, e: Reject) {
+        let frame = Frame::new("error")
+            .request_id(request_id)
+            .error(e.code, &e.message)
+            .finish();
+        self.put(frame.as_bytes());
+    }
+
+    /// Writes `out` to the socket (after whatever tungstenite itself has pending). A peer
+    /// that takes no bytes for `stall` is given up on.
+    async fn write_out(&mut self, ws: &mut Ws) -> Result<(), WsError> {
+        let write = async {
+            ws.flush().await?;
+            if !self.out.is_empty() {
+                ws.get_mut().write_all(&self.out).await?;
+            }
+            Ok::<(), WsError>(())
+        };
+        match timeout(self.stall, write).await {
+            Ok(result) => result?,
+            Err(_) => return Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
+        }
+        self.out.clear();
+        if self.out.capacity() > 2 * OUT_CHUNK {
+            self.out.shrink_to(OUT_CHUNK);
+        }
+        Ok(())
+    }
+
+    /// Writes `out` once it holds a chunk's worth.
+    async fn write_if_full(&mut self, ws: &mut Ws) -> Result<(), WsError> {
+        if self.out.len() >= OUT_CHUNK {
+            self.write_out(ws).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves up to `DRAIN_BATCH` queued events into `out`, then any drop notice and
+    /// topic-deleted notices. The loop writes `out` when nothing else is ready.
     async fn drain(&mut self, ws: &mut Ws) -> Result<(), WsError> {
         for _ in 0..DRAIN_BATCH {
             let Some(event) = self.outbox.queue.pop() else {
                 break;
             };
-            ws.feed(Message::Text(event.frame.clone())).await?;
+            self.out.extend_from_slice(event.frame());
+            self.write_if_full(ws).await?;
         }
         let dropped = self.outbox.dropped.swap(0, Ordering::AcqRel);
         if dropped > 0 {
@@ -1833,13 +2135,14 @@ impl Session {
             let notice = Frame::new("error")
                 .error("SLOW_CONSUMER", &message)
                 .number("dropped", dropped);
-            ws.feed(notice.finish()).await?;
+            self.put(notice.finish().as_bytes());
         }
         let deleted = self.outbox.take_deleted();
         if !deleted.is_empty() {
             // Events of the deleted topics queued before the deletion go out first.
             while let Some(event) = self.outbox.queue.pop() {
-                ws.feed(Message::Text(event.frame.clone())).await?;
+                self.out.extend_from_slice(event.frame());
+                self.write_if_full(ws).await?;
             }
             for shared in deleted {
                 let name = self
@@ -1852,7 +2155,7 @@ impl Session {
                     let notice = Frame::new("info")
                         .string("topic", &name)
                         .string("msg", "topic_deleted");
-                    ws.feed(notice.finish()).await?;
+                    self.put(notice.finish().as_bytes());
                 }
             }
         }
@@ -1863,47 +2166,43 @@ impl Session {
         match message {
             Message::Text(text) => self.on_text(ws, &text).await,
             Message::Binary(_) => {
-                let error = Frame::new("error").error(
-                    "BAD_REQUEST",
-                    "binary frames are not supported; send JSON text",
-                );
-                ws.feed(error.finish()).await
+                let why = "binary frames are not supported; send JSON text";
+                self.put_error(None, reject("BAD_REQUEST", why));
+                Ok(())
             }
-            // The reply to a Close is queued by tungstenite; flushing sends it.
-            Message::Close(_) => ws.flush().await,
+            // tungstenite has queued the Close reply; send it and end, writing nothing after.
+            Message::Close(_) => {
+                self.out.clear();
+                ws.flush().await?;
+                Err(WsError::ConnectionClosed)
+            }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
         }
     }
 
     async fn on_text(&mut self, ws: &mut Ws, text: &str) -> Result<(), WsError> {
         let (request_id, request) = decode(text);
-        let reply = match request {
-            Err(e) => Err(e),
-            Ok(ClientRequest::Ping) => Ok(Frame::new("pong").request_id(request_id).finish()),
+        match request {
+            Err(e) => self.put_error(request_id, e),
+            Ok(ClientRequest::Ping) => {
+                let pong = Frame::new("pong").request_id(request_id).finish();
+                self.put(pong.as_bytes());
+            }
             Ok(ClientRequest::Publish { topic, id, payload }) => {
-                self.publish(&topic, id, payload).map(|(seq, ts)| {
-                    Frame::new("ack")
-                        .request_id(request_id)
-                        .string("topic", &topic)
-                        .string("status", "ok")
-                        .number("seq", seq)
-                        .finish_at(&ts)
-                })
+                match self.publish(&topic, id, payload) {
+                    Ok((seq, ts)) => self.put_ack(request_id, &topic, Some(seq), ts),
+                    Err(e) => self.put_error(request_id, e),
+                }
             }
             Ok(ClientRequest::Subscribe { topic, last_n }) => {
-                return self.subscribe(ws, request_id, topic, last_n).await;
+                self.subscribe(ws, request_id, topic.into_owned(), last_n)
+                    .await?;
             }
             Ok(ClientRequest::Unsubscribe { topic }) => {
-                return self.unsubscribe(ws, request_id, topic).await;
+                self.unsubscribe(ws, request_id, topic.into_owned()).await?;
             }
-        };
-        let frame = reply.unwrap_or_else(|e| {
-            Frame::new("error")
-                .request_id(request_id)
-                .error(e.code, &e.message)
-                .finish()
-        });
-        ws.feed(frame).await
+        }
+        self.write_if_full(ws).await
     }
 
     fn publish(
@@ -1911,7 +2210,7 @@ impl Session {
         name: &str,
         id: Option<&str>,
         payload: &str,
-    ) -> Result<(u64, String), Reject> {
+    ) -> Result<(u64, Timestamp), Reject> {
         let cached = self
             .last_published
             .take()
@@ -1919,13 +2218,11 @@ impl Session {
         let topic = cached
             .or_else(|| self.broker.topic(name))
             .ok_or_else(|| topic_not_found(name))?;
-        let assigned;
         let id = match id {
-            Some(id) => id,
+            Some(raw) => MessageId::Given(raw),
             None => {
                 self.unnamed += 1;
-                assigned = format!(r#""{}-{}""#, self.id, self.unnamed);
-                &assigned
+                MessageId::Assigned(self.id, self.unnamed)
             }
         };
         let published = topic
@@ -1944,40 +2241,32 @@ impl Session {
     ) -> Result<(), WsError> {
         // A pending deletion notice must go out before this subscription can be judged.
         self.drain(ws).await?;
-        let ack = Frame::new("ack")
-            .request_id(request_id)
-            .string("topic", &name)
-            .string("status", "ok");
         let current = self.subscriptions.get(&name);
         if current.is_some_and(|t| !t.deleted.load(Ordering::Acquire)) {
-            return ws.feed(ack.finish()).await;
+            self.put_ack(request_id, &name, None, Timestamp::now());
+            return Ok(());
         }
-        let refused = |e: Reject| {
-            Frame::new("error")
-                .request_id(request_id)
-                .error(e.code, &e.message)
-                .finish()
-        };
-        if current.is_none() && self.subscriptions.len() >= self.broker.config.max_subscriptions {
-            let message = format!(
-                "at most {} subscriptions per connection",
-                self.broker.config.max_subscriptions
-            );
-            return ws.feed(refused(reject("LIMIT_EXCEEDED", message))).await;
+        let max = self.broker.config.max_subscriptions;
+        if current.is_none() && self.subscriptions.len() >= max {
+            let message = format!("at most {max} subscriptions per connection");
+            self.put_error(request_id, reject("LIMIT_EXCEEDED", message));
+            return Ok(());
         }
         let registered = self.broker.topic(&name).and_then(|topic| {
             let replay = topic.subscribe(&self.outbox, last_n)?;
             Some((topic, replay))
         });
         let Some((topic, replay)) = registered else {
-            return ws.feed(refused(topic_not_found(&name))).await;
+            self.put_error(request_id, topic_not_found(&name));
+            return Ok(());
         };
+        self.put_ack(request_id, &name, None, Timestamp::now());
         if let Some(stale) = self.subscriptions.insert(name, topic) {
             stale.unsubscribe(&self.outbox);
         }
-        ws.feed(ack.finish()).await?;
         for event in &replay {
-            ws.feed(replay_frame(event)).await?;
+            self.put(&replay_text(event));
+            self.write_if_full(ws).await?;
         }
         Ok(())
     }
@@ -1992,29 +2281,24 @@ impl Session {
             topic.unsubscribe(&self.outbox);
             self.purge(ws, &topic.shared).await?;
         } else if self.broker.topic(&name).is_none() {
-            let e = topic_not_found(&name);
-            let error = Frame::new("error")
-                .request_id(request_id)
-                .error(e.code, &e.message);
-            return ws.feed(error.finish()).await;
+            self.put_error(request_id, topic_not_found(&name));
+            return Ok(());
         }
-        let ack = Frame::new("ack")
-            .request_id(request_id)
-            .string("topic", &name)
-            .string("status", "ok");
-        ws.feed(ack.finish()).await
+        self.put_ack(request_id, &name, None, Timestamp::now());
+        Ok(())
     }
 
-    /// Writes the queued events, leaving out those of `topic` (just unsubscribed). Bounded by
-    /// the queue's capacity: no event of `topic` can arrive after the unsubscribe, so those
-    /// present now are all within one queue-length of pops.
+    /// Moves the queued events into `out`, leaving out those of `topic` (just unsubscribed).
+    /// Bounded by the queue's capacity: no event of `topic` can arrive after the unsubscribe,
+    /// so those present now are all within one queue-length of pops.
     async fn purge(&mut self, ws: &mut Ws, topic: &Arc<TopicShared>) -> Result<(), WsError> {
         for _ in 0..self.outbox.queue.capacity() {
             let Some(event) = self.outbox.queue.pop() else {
                 break;
             };
             if !Arc::ptr_eq(&event.topic, topic) {
-                ws.feed(Message::Text(event.frame.clone())).await?;
+                self.out.extend_from_slice(event.frame());
+                self.write_if_full(ws).await?;
             }
         }
         Ok(())
@@ -2025,11 +2309,16 @@ impl Session {
     async fn goodbye(&mut self, ws: &mut Ws) -> End {
         let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
         let farewell = async {
-            ws.feed(Frame::new("info").string("msg", "shutdown").finish())
-                .await?;
+            self.put(
+                Frame::new("info")
+                    .string("msg", "shutdown")
+                    .finish()
+                    .as_bytes(),
+            );
             while !self.outbox.queue.is_empty() {
                 self.drain(ws).await?;
             }
+            self.write_out(ws).await?;
             let frame = CloseFrame {
                 code: CloseCode::Away,
                 reason: Utf8Bytes::from_static("server shutting down"),

@@ -924,31 +924,39 @@ async fn heartbeats_ping_and_silent_peers_are_closed() {
         ..quiet()
     })
     .await;
-    let mut client = Client::connect(addr).await;
-    // A live client (tungstenite answers Pings while we read) sees info/ping frames.
-    let started = Instant::now();
-    loop {
-        let frame = timeout(DEADLINE, client.ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(text) = frame {
-            let value: Value = serde_json::from_str(&text).unwrap();
-            if value["type"] == "info" && value["msg"] == "ping" {
-                break;
+    // An honest client keeps reading (tungstenite answers the server's Pings as it reads)
+    // and counts the info/ping frames until told to stop.
+    let mut honest = Client::connect(addr).await;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return (pings, honest),
+                frame = honest.ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let value: Value = serde_json::from_str(&text).unwrap();
+                        assert_eq!((value["type"].as_str(), value["msg"].as_str()), (Some("info"), Some("ping")));
+                        pings += 1;
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("the honest client was disconnected: {other:?}"),
+                },
             }
         }
-    }
-    assert!(started.elapsed() < DEADLINE);
-    // A silent peer: a raw upgrade that never answers anything.
+    });
+    // A silent peer: a raw upgrade that never sends another byte.
     let mut raw = TcpStream::connect(addr).await.unwrap();
     raw.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
-    counts_become(addr, 2, 0).await;
-    let mut sink = Vec::new();
-    let closed = timeout(DEADLINE, raw.read_to_end(&mut sink)).await;
+    let mut received = Vec::new();
+    let closed = timeout(DEADLINE, raw.read_to_end(&mut received)).await;
     assert!(closed.is_ok(), "the server closed the silent connection");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     counts_become(addr, 1, 0).await;
+    stop_tx.send(()).unwrap();
+    let (pings, _honest) = reader.await.unwrap();
+    assert!(pings >= 2, "the honest client saw {pings} heartbeat(s)");
 }
 
 // ---- configuration ----
