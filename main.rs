@@ -358,6 +358,11 @@ fn main() {
                 std::process::exit(1);
             }
         };
+        if let Ok(addr) = listener.local_addr() {
+            // Printed at every log level: with PORT=0 it is the only way to learn the port.
+            let ts = now_rfc3339();
+            eprintln!("{ts} INFO  pubsub listening on {addr} (ws://{addr}/ws)");
+        }
         run(listener, config, signals.first()).await;
     });
 }
@@ -402,13 +407,6 @@ impl Signals {
 pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let grace = config.shutdown_grace;
     let broker = Arc::new(Broker::new(config));
-    if let Ok(addr) = listener.local_addr() {
-        log!(
-            broker,
-            Level::Info,
-            "pubsub listening on {addr} (ws://{addr}/ws)"
-        );
-    }
     // `stop` carries the drain deadline to every connection; `alive` receivers are held by
     // connections so that `alive_tx.closed()` says when the last one is gone.
     let (stop_tx, stop_rx) = watch::channel(None::<Instant>);
@@ -2255,13 +2253,24 @@ impl Session {
     ) -> Result<(), WsError> {
         // A pending deletion notice must go out before this subscription can be judged.
         self.drain(ws).await?;
-        let current = self.subscriptions.get(&name);
-        if current.is_some_and(|t| !t.deleted.load(Ordering::Acquire)) {
-            self.put_ack(request_id, &name, None, Timestamp::now());
-            return Ok(());
+        if let Some(current) = self.subscriptions.get(&name) {
+            if !current.deleted.load(Ordering::Acquire) {
+                self.put_ack(request_id, &name, None, Timestamp::now());
+                return Ok(());
+            }
+            // Deleted, but its notice has not reached this outbox yet (the deleter is between
+            // marking the topic and telling its subscribers): end it here, notice included,
+            // so the client never sees the new topic's events continue the old one's.
+            let shared = Arc::clone(&current.shared);
+            self.subscriptions.remove(&name);
+            self.purge(ws, &shared).await?;
+            let notice = Frame::new("info")
+                .string("topic", &name)
+                .string("msg", "topic_deleted");
+            self.put(notice.finish().as_bytes());
         }
         let max = self.broker.config.max_subscriptions;
-        if current.is_none() && self.subscriptions.len() >= max {
+        if self.subscriptions.len() >= max {
             let message = format!("at most {max} subscriptions per connection");
             self.put_error(request_id, reject("LIMIT_EXCEEDED", message));
             return Ok(());
@@ -2275,9 +2284,7 @@ impl Session {
             return Ok(());
         };
         self.put_ack(request_id, &name, None, Timestamp::now());
-        if let Some(stale) = self.subscriptions.insert(name, topic) {
-            stale.unsubscribe(&self.outbox);
-        }
+        self.subscriptions.insert(name, topic);
         for event in &replay {
             self.put(&replay_text(event));
             self.write_if_full(ws).await?;

@@ -1123,3 +1123,1112 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+// ---- hostile input: HTTP ----
+
+/// After a hostile exchange: the server still answers /health and serves an honest client.
+async fn still_serves(addr: SocketAddr) {
+    assert_eq!(health(addr).await["status"], "ok");
+    let topic = format!("honest-{}", std::process::id());
+    let body = json!({ "name": topic }).to_string();
+    let created = http(addr, "POST", "/topics", Some(&body)).await.status;
+    assert!(created == 201 || created == 409);
+    let mut client = Client::connect(addr).await;
+    client.subscribe(&topic, 0).await;
+    let mut publisher = Client::connect(addr).await;
+    let seq_published = publisher.publish(&topic, json!("still here")).await;
+    assert_eq!(seq(&client.event().await), seq_published);
+}
+
+/// Reads until the server closes the connection (or the deadline fails the test).
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let _ = timeout(DEADLINE, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection");
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_heads_get_their_status_and_the_server_carries_on() {
+    let addr = start(quiet()).await;
+    let mut long_line = b"GET /".to_vec();
+    long_line.extend(std::iter::repeat_n(b'a', 10 * 1024));
+    long_line.extend(b" HTTP/1.1\r\n\r\n");
+    assert_eq!(raw_http(addr, &long_line).await.status, 431);
+    let mut thousand = b"GET /health HTTP/1.1\r\n".to_vec();
+    for i in 0..1000 {
+        thousand.extend(format!("H{i}: v\r\n").as_bytes());
+    }
+    thousand.extend(b"\r\n");
+    assert_eq!(raw_http(addr, &thousand).await.status, 431);
+    // Garbage: a 400, or a close — never a hang or a crash.
+    for garbage in [
+        &b"\x00\x01\x02\x03\xff\xfe\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\n: empty name\r\n\r\n",
+        b"\r\n\r\n",
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(garbage).await.unwrap();
+        let response = read_until_closed(&mut stream).await;
+        if !response.is_empty() {
+            assert_eq!(parse_response(&response).status, 400, "{garbage:?}");
+        }
+    }
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_never_finishes_is_closed_at_the_deadline() {
+    let addr = start(Config {
+        head_timeout: Duration::from_millis(600),
+        ..quiet()
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let opened = Instant::now();
+    // One byte every 100 ms: each read succeeds, the head never completes.
+    let trickle = async {
+        for b in b"GET /health HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+            if stream.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    timeout(DEADLINE, trickle)
+        .await
+        .expect("the server gives up on the slow head");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(600),
+        "not before the deadline"
+    );
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_refused_without_being_read() {
+    let addr = start(quiet()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // Announce 100 MB and send none of it: the 413 must come anyway.
+    stream
+        .write_all(b"POST /topics HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_until_closed(&mut stream).await;
+    assert_eq!(parse_response(&response).status, 413);
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_get_503_before_any_upgrade() {
+    let addr = start(Config {
+        max_connections: 3,
+        ..quiet()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(addr).await;
+        let (pong, _) = client.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        held.push(client);
+    }
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    drop(held);
+    // Once they are gone the server accepts again.
+    eventually("a slot frees up", || async move {
+        match TcpStream::connect(addr).await {
+            Ok(mut stream) => {
+                let _ = stream
+                    .write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+                    .await;
+                let mut response = Vec::new();
+                let _ = timeout(DEADLINE, stream.read_to_end(&mut response)).await;
+                if response.starts_with(b"HTTP/1.1 200") {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&response).into_owned())
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+}
+
+// ---- hostile input: WebSocket ----
+
+/// A WebSocket opened by hand, for sending frames no client library would.
+async fn raw_websocket(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        timeout(DEADLINE, stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    stream
+}
+
+/// A masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n < 65536 => {
+            frame.push(0x80 | 126);
+            frame.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend((n as u64).to_be_bytes());
+        }
+    }
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The close code in the server's Close frame, reading past any other frames.
+async fn raw_close_code(stream: &mut TcpStream) -> u16 {
+    let received = read_until_closed(stream).await;
+    let mut at = 0;
+    while at + 2 <= received.len() {
+        let opcode = received[at] & 0x0f;
+        let (len, header) = match received[at + 1] & 0x7f {
+            126 => (
+                u16::from_be_bytes([received[at + 2], received[at + 3]]) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(received[at + 2..at + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        if opcode == 0x8 {
+            return u16::from_be_bytes([received[at + header], received[at + header + 1]]);
+        }
+        at += header + len;
+    }
+    panic!("no Close frame in {} bytes", received.len());
+}
+
+fn deep_json(depth: usize) -> String {
+    format!(
+        r#"{{"type":"publish","topic":"deep","message":{{"payload":{}{}}}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_close_with_1009_at_the_default_limit() {
+    let addr = start(quiet()).await;
+    create(addr, "deep").await;
+    let big_id = format!(
+        r#"{{"type":"ping","request_id":"{}"}}"#,
+        "i".repeat(200 * 1024)
+    );
+    for text in [deep_json(100_000), big_id] {
+        let mut stream = raw_websocket(addr).await;
+        stream
+            .write_all(&client_frame(0x1, text.as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(raw_close_code(&mut stream).await, 1009);
+    }
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_json_and_huge_request_ids_are_answered_when_they_fit() {
+    let addr = start(Config {
+        max_message_bytes: 1_048_576,
+        ..quiet()
+    })
+    .await;
+    create(addr, "deep").await;
+    let mut client = Client::connect(addr).await;
+    client.send_text(&deep_json(100_000)).await;
+    let reply = client.recv().await;
+    assert_eq!(
+        reply["error"]["code"],
+        "BAD_REQUEST",
+        "{}",
+        &reply.to_string()[..200.min(reply.to_string().len())]
+    );
+    let id = "i".repeat(200 * 1024);
+    client.send(json!({"type":"ping","request_id": id})).await;
+    let reply = client.recv().await;
+    assert_eq!(reply["type"], "pong");
+    assert_eq!(reply["request_id"].as_str().map(str::len), Some(200 * 1024));
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let addr = start(quiet()).await;
+    let mut stream = raw_websocket(addr).await;
+    stream
+        .write_all(&client_frame(
+            0x1,
+            b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(raw_close_code(&mut stream).await, 1007);
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_its_acks_slows_only_itself() {
+    let addr = start(quiet()).await;
+    create(addr, "flood").await;
+    // The flooder writes publishes as fast as the socket takes them and reads nothing.
+    let mut flooder = raw_websocket(addr).await;
+    let message = json!({"type":"publish","topic":"flood","message":{"payload":"x".repeat(1000)}});
+    let frame = client_frame(0x1, message.to_string().as_bytes());
+    let flooding = tokio::spawn(async move {
+        let mut sent = 0u64;
+        // Stops when the server stops reading (the write blocks) or after a bound.
+        while sent < 200_000 {
+            match timeout(Duration::from_secs(2), flooder.write_all(&frame)).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+        }
+        (sent, flooder)
+    });
+    // Meanwhile an honest publisher's acks keep arriving, each within the deadline.
+    let mut honest = Client::connect(addr).await;
+    for i in 0..200 {
+        honest.publish("flood", json!(i)).await;
+    }
+    let (sent, _flooder) = flooding.await.unwrap();
+    assert!(
+        sent < 200_000,
+        "the server stopped reading from the flooder ({sent} sent)"
+    );
+    still_serves(addr).await;
+}
+
+// ---- faults, measured on a spawned server ----
+
+/// The real binary, killed (by its PID) when the test ends however it ends.
+struct Spawned {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Spawned {
+    fn start(envs: &[(&str, &str)]) -> Spawned {
+        let (child, addr) = spawn_binary(envs);
+        Spawned { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_abrupt_disconnects_leave_no_trace() {
+    let server = Spawned::start(&[("LOG_LEVEL", "warn")]);
+    let addr = server.addr;
+    create(addr, "churn").await;
+    let fds_before = server.fds();
+    let mut clients = Vec::new();
+    for batch in 0..20 {
+        let opened: Vec<_> = (0..100)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut client = Client::connect(addr).await;
+                    client.subscribe("churn", 0).await;
+                    client
+                })
+            })
+            .collect();
+        for task in opened {
+            clients.push(task.await.unwrap());
+        }
+        assert_eq!(clients.len(), (batch + 1) * 100);
+    }
+    counts_become(addr, 2000, 2000).await;
+    assert!(server.fds() >= fds_before + 2000);
+    drop(clients); // no close handshake: the sockets just go away
+    counts_become(addr, 0, 0).await;
+    eventually("descriptors back to their starting level", || {
+        let fds = server.fds();
+        async move {
+            if fds <= fds_before {
+                Ok(())
+            } else {
+                Err(format!("{fds} open, {fds_before} before"))
+            }
+        }
+    })
+    .await;
+    still_serves(addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_neither_reads_nor_answers_pings_is_dropped_within_three_intervals() {
+    let server = Spawned::start(&[("LOG_LEVEL", "warn"), ("HEARTBEAT_SECS", "1")]);
+    let addr = server.addr;
+    create(addr, "t").await;
+    let mut dead = raw_websocket(addr).await;
+    let subscribe = json!({"type":"subscribe","topic":"t"}).to_string();
+    dead.write_all(&client_frame(0x1, subscribe.as_bytes()))
+        .await
+        .unwrap();
+    let silent_since = Instant::now();
+    counts_become(addr, 1, 1).await;
+    // From here on the peer reads nothing and sends nothing; wait for the server's FIN.
+    let mut sink = Vec::new();
+    timeout(DEADLINE, dead.read_to_end(&mut sink))
+        .await
+        .expect("the server drops the dead peer")
+        .unwrap();
+    let after = silent_since.elapsed();
+    assert!(
+        after <= Duration::from_secs(3),
+        "dropped after {after:?}, more than 3 intervals"
+    );
+    counts_become(addr, 0, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_killed_mid_stream_leaves_every_sequence_intact() {
+    let addr = start(quiet()).await;
+    create(addr, "s").await;
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("s", 0).await;
+        subscribers.push(client);
+    }
+    // The victim streams publishes and dies halfway through a frame, with a reset.
+    let mut victim = raw_websocket(addr).await;
+    let frame = client_frame(
+        0x1,
+        json!({"type":"publish","topic":"s","message":{"payload":{"from":"victim"}}})
+            .to_string()
+            .as_bytes(),
+    );
+    for _ in 0..100 {
+        victim.write_all(&frame).await.unwrap();
+    }
+    victim.write_all(&frame[..frame.len() / 2]).await.unwrap();
+    victim.set_zero_linger().unwrap();
+    drop(victim);
+    let mut survivor = Client::connect(addr).await;
+    let mut last = 0;
+    for i in 0..100 {
+        last = survivor
+            .publish("s", json!({"from":"survivor","i":i}))
+            .await;
+    }
+    for client in &mut subscribers {
+        let mut seqs = Vec::new();
+        let mut survivor_order = Vec::new();
+        while seqs.last() != Some(&last) {
+            let event = client.event().await;
+            seqs.push(seq(&event));
+            if event["message"]["payload"]["from"] == "survivor" {
+                survivor_order.push(event["message"]["payload"]["i"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(
+            seqs,
+            (1..=last).collect::<Vec<_>>(),
+            "consecutive, no gap, no duplicate"
+        );
+        assert_eq!(survivor_order, (0..100).collect::<Vec<_>>());
+    }
+    counts_become(addr, 4, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_that_never_reads_keeps_memory_bounded() {
+    const MESSAGE: usize = 60_000;
+    let server = Spawned::start(&[("LOG_LEVEL", "warn")]);
+    let addr = server.addr;
+    create(addr, "big").await;
+    let queue_size = 1000u64; // the default
+    let bound_kib = (queue_size * MESSAGE as u64 * 2 + 64 * 1024 * 1024) / 1024;
+    let mut stuck = Client::connect(addr).await;
+    stuck.subscribe("big", 0).await;
+    let publisher = Client::connect(addr).await;
+    let (mut sink, mut acks) = publisher.ws.split();
+    let text =
+        json!({"type":"publish","topic":"big","message":{"payload":"z".repeat(MESSAGE - 100)}})
+            .to_string();
+    let flood_for = Duration::from_secs(10);
+    let started = Instant::now();
+    let mut peak = 0;
+    let mut sent = 0u64;
+    let mut acked = 0u64;
+    while started.elapsed() < flood_for {
+        while sent - acked < 32 {
+            sink.send(Message::Text(text.clone().into())).await.unwrap();
+            sent += 1;
+        }
+        let frame = timeout(DEADLINE, acks.next())
+            .await
+            .expect("acks keep coming")
+            .unwrap()
+            .unwrap();
+        assert!(frame.to_text().unwrap().contains(r#""type":"ack""#));
+        acked += 1;
+        if acked.is_multiple_of(100) {
+            peak = peak.max(server.rss_kib());
+        }
+    }
+    peak = peak.max(server.rss_kib());
+    assert!(acked > 1000, "the flood was real: {acked} acked");
+    assert!(
+        peak < bound_kib,
+        "peak RSS {peak} KiB, bound {bound_kib} KiB"
+    );
+    drop(stuck);
+    still_serves(addr).await;
+}
+
+// ---- property tests of the parsers ----
+
+mod properties {
+    use super::server::{self, HttpError, MAX_HEAD_BYTES, MAX_HEADERS, Request};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Codes a WebSocket error reply may carry for a client message.
+    const CODES: &[&str] = &["BAD_REQUEST", "TOPIC_NOT_FOUND", "LIMIT_EXCEEDED"];
+
+    fn token() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,12}"
+    }
+
+    prop_compose! {
+        fn request()(
+            method in token(),
+            path in "/[A-Za-z0-9._~/-]{0,40}",
+            query in proptest::option::of("[A-Za-z0-9=&%._-]{0,30}"),
+            minor in 0u8..=1,
+            headers in proptest::collection::vec(
+                (token().prop_filter("not a framing header", |n| {
+                    !n.eq_ignore_ascii_case("content-length")
+                        && !n.eq_ignore_ascii_case("transfer-encoding")
+                }), "[!-~]([ -~]{0,30}[!-~])?"),
+                0..20,
+            ),
+            content_length in proptest::option::of(0u64..100_000),
+        ) -> Request {
+            let mut headers = headers;
+            if let Some(n) = content_length {
+                headers.push(("Content-Length".to_string(), n.to_string()));
+            }
+            Request { method, path, query, minor_version: minor, headers, content_length }
+        }
+    }
+
+    fn render(r: &Request) -> Vec<u8> {
+        let mut text = format!("{} {}", r.method, r.path);
+        if let Some(q) = &r.query {
+            text.push('?');
+            text.push_str(q);
+        }
+        text.push_str(&format!(" HTTP/1.{}\r\n", r.minor_version));
+        for (name, value) in &r.headers {
+            text.push_str(&format!("{name}: {value}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.into_bytes()
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            prop_oneof![
+                Just("subscribe"),
+                Just("unsubscribe"),
+                Just("publish"),
+                Just("ping")
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_string()),
+                        Just("topic".to_string()),
+                        Just("last_n".to_string()),
+                        Just("message".to_string()),
+                        Just("payload".to_string()),
+                        Just("id".to_string()),
+                        Just("request_id".to_string()),
+                        "[a-z_]{1,8}",
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn check_decode(text: &str) {
+        let (_request_id, outcome) = server::decode(text);
+        if let Err(reject) = outcome {
+            assert!(CODES.contains(&reject.code), "{}", reject.code);
+            assert!(!reject.message.is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_exceed_the_head_limit(
+            bytes in proptest::collection::vec(any::<u8>(), 0..(MAX_HEAD_BYTES + 2048)),
+        ) {
+            match server::parse_head(&bytes) {
+                Ok(Some((request, len))) => {
+                    prop_assert!(len <= MAX_HEAD_BYTES && len <= bytes.len());
+                    prop_assert!(request.headers.len() <= MAX_HEADERS);
+                }
+                Ok(None) => prop_assert!(bytes.len() <= MAX_HEAD_BYTES),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn well_formed_requests_parse_back_exactly(request in request()) {
+            let bytes = render(&request);
+            prop_assume!(bytes.len() <= MAX_HEAD_BYTES);
+            let parsed = server::parse_head(&bytes);
+            prop_assert_eq!(parsed, Ok(Some((request, bytes.len()))));
+        }
+
+        #[test]
+        fn a_request_split_anywhere_parses_the_same(request in request(), at in any::<prop::sample::Index>(), body in "[a-z]{0,10}") {
+            let mut bytes = render(&request);
+            prop_assume!(bytes.len() <= MAX_HEAD_BYTES);
+            let head_len = bytes.len();
+            bytes.extend(body.as_bytes());
+            let split = at.index(head_len);
+            // What a reader holds after the first read: never a request yet.
+            prop_assert_eq!(server::parse_head(&bytes[..split]), Ok(None));
+            // After the rest arrives: the same request, and the body left unread.
+            prop_assert_eq!(server::parse_head(&bytes), Ok(Some((request, head_len))));
+        }
+
+        #[test]
+        fn oversized_heads_are_refused(extra in 1usize..4096) {
+            let mut bytes = b"GET / HTTP/1.1\r\nX: ".to_vec();
+            bytes.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + extra));
+            prop_assert_eq!(server::parse_head(&bytes), Err(HttpError::HeadTooLarge));
+        }
+
+        #[test]
+        fn arbitrary_json_gets_a_reply_of_the_contract(value in json_value()) {
+            check_decode(&value.to_string());
+        }
+
+        #[test]
+        fn arbitrary_strings_get_a_reply_of_the_contract(text in ".{0,200}") {
+            check_decode(&text);
+        }
+    }
+}
+
+// ---- soak ----
+
+/// A small deterministic PRNG (xorshift64*), so a soak run can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const STABLE: &[&str] = &["s0", "s1", "s2", "s3"];
+const CHURN: &[&str] = &["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"];
+
+/// Everything one connection received, in order, plus what its requests were.
+#[derive(Default)]
+struct Log {
+    frames: Vec<Value>,
+    /// request_id → (kind, topic, sent at)
+    sent: std::collections::HashMap<String, (&'static str, String, Instant)>,
+    slowest_reply: Duration,
+    dropped: u64,
+    /// Set by the test to make this connection stop reading for a while (a slow consumer).
+    pause_until: Option<Instant>,
+}
+
+type SharedLog = std::sync::Arc<std::sync::Mutex<Log>>;
+
+/// One soak connection: a reader task that logs every frame, and a sink for requests.
+struct SoakClient {
+    sink: futures_util::stream::SplitSink<WsStream, Message>,
+    log: SharedLog,
+    reader: tokio::task::JoinHandle<()>,
+    next: u64,
+}
+
+impl SoakClient {
+    async fn connect(addr: SocketAddr) -> SoakClient {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        let (sink, mut stream) = ws.split();
+        let log: SharedLog = Default::default();
+        let reader_log = log.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let pause = reader_log.lock().unwrap().pause_until.take();
+                if let Some(until) = pause {
+                    tokio::time::sleep_until(until).await;
+                }
+                let Some(Ok(message)) = stream.next().await else {
+                    break;
+                };
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let value: Value = serde_json::from_str(&text).unwrap();
+                let mut log = reader_log.lock().unwrap();
+                if let Some(id) = value["request_id"].as_str()
+                    && let Some((_, _, sent)) = log.sent.get(id)
+                {
+                    let waited = sent.elapsed();
+                    log.slowest_reply = log.slowest_reply.max(waited);
+                }
+                if value["error"]["code"] == "SLOW_CONSUMER" {
+                    log.dropped += value["dropped"].as_u64().unwrap();
+                }
+                log.frames.push(value);
+            }
+        });
+        SoakClient {
+            sink,
+            log,
+            reader,
+            next: 0,
+        }
+    }
+
+    async fn send(&mut self, kind: &'static str, topic: &str, mut message: Value) -> String {
+        self.next += 1;
+        let id = format!("{kind}-{}", self.next);
+        message["request_id"] = json!(id);
+        self.log
+            .lock()
+            .unwrap()
+            .sent
+            .insert(id.clone(), (kind, topic.to_string(), Instant::now()));
+        // A send that cannot complete means the server stopped reading us: a failure.
+        timeout(
+            DEADLINE,
+            self.sink.send(Message::Text(message.to_string().into())),
+        )
+        .await
+        .expect("the server keeps reading")
+        .unwrap();
+        id
+    }
+
+    /// Requests not yet answered.
+    fn outstanding(&self) -> usize {
+        let log = self.log.lock().unwrap();
+        let answered = log
+            .frames
+            .iter()
+            .filter(|f| f["request_id"].is_string())
+            .count();
+        log.sent.len() - answered
+    }
+
+    /// Waits until every request has its reply.
+    async fn settle(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.outstanding() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "replies missing after {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Checks one connection's log and returns the subscriptions it still holds. Order,
+/// duplicates and events outside a subscription are final failures; gaps must be covered by
+/// the drops reported to the connection, which may trail the events (so that is an `Err` to
+/// retry), and are not checked for a connection that was dropped (its last notices were lost
+/// with it).
+fn verify(log: &Log, who: &str, connected: bool) -> Result<HashSet<String>, String> {
+    let mut open: std::collections::HashMap<String, Option<u64>> = Default::default();
+    let mut gaps = 0;
+    for frame in &log.frames {
+        let topic = frame["topic"].as_str().unwrap_or("").to_string();
+        match frame["type"].as_str() {
+            Some("ack") => {
+                let id = frame["request_id"].as_str().unwrap();
+                match log.sent[id].0 {
+                    "sub" => {
+                        open.entry(topic).or_insert(None);
+                    }
+                    "unsub" => {
+                        open.remove(&topic);
+                    }
+                    _ => {}
+                }
+            }
+            Some("info") if frame["msg"] == "topic_deleted" => {
+                assert!(
+                    open.remove(&topic).is_some(),
+                    "{who}: topic_deleted for {topic}, not subscribed"
+                );
+            }
+            Some("event") => {
+                let seq = frame["seq"].as_u64().unwrap();
+                let Some(last) = open.get_mut(&topic) else {
+                    panic!("{who}: event {seq} of {topic} outside a subscription: {frame}");
+                };
+                if let Some(previous) = *last {
+                    assert!(seq > previous, "{who}: {topic} seq {seq} after {previous}");
+                    gaps += seq - previous - 1;
+                }
+                *last = Some(seq);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        log.slowest_reply < DEADLINE,
+        "{who}: a reply took {:?}",
+        log.slowest_reply
+    );
+    if connected && gaps > log.dropped {
+        return Err(format!(
+            "{who}: {gaps} events missing, {} reported dropped",
+            log.dropped
+        ));
+    }
+    Ok(open.into_keys().collect())
+}
+
+/// One churning connection: a seeded random mix of everything a client can do. Returns the
+/// logs of the connections it dropped and its last connection, still open.
+async fn churn(addr: SocketAddr, seed: u64, until: Instant) -> (Vec<SharedLog>, SoakClient) {
+    let mut rng = Rng(seed | 1);
+    let mut finished = Vec::new();
+    let mut client = SoakClient::connect(addr).await;
+    while Instant::now() < until {
+        if client.outstanding() > 16 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let churn_topic = CHURN[rng.below(CHURN.len() as u64) as usize];
+        match rng.below(100) {
+            0..45 => {
+                let topic = if rng.below(2) == 0 {
+                    churn_topic
+                } else {
+                    STABLE[rng.below(4) as usize]
+                };
+                let payload =
+                    json!({"n": rng.next() % 1000, "pad": "p".repeat(rng.below(200) as usize)});
+                client
+                    .send(
+                        "pub",
+                        topic,
+                        json!({"type":"publish","topic":topic,"message":{"payload":payload}}),
+                    )
+                    .await;
+            }
+            45..57 => {
+                let last_n = if rng.below(2) == 0 { 0 } else { rng.below(60) };
+                client
+                    .send(
+                        "sub",
+                        churn_topic,
+                        json!({"type":"subscribe","topic":churn_topic,"last_n":last_n}),
+                    )
+                    .await;
+            }
+            57..67 => {
+                client
+                    .send(
+                        "unsub",
+                        churn_topic,
+                        json!({"type":"unsubscribe","topic":churn_topic}),
+                    )
+                    .await;
+            }
+            67..71 => {
+                let body = json!({ "name": churn_topic }).to_string();
+                let status = http(addr, "POST", "/topics", Some(&body)).await.status;
+                assert!(
+                    status == 201 || status == 409,
+                    "create {churn_topic}: {status}"
+                );
+            }
+            71..74 => {
+                let status = http(addr, "DELETE", &format!("/topics/{churn_topic}"), None)
+                    .await
+                    .status;
+                assert!(
+                    status == 200 || status == 404,
+                    "delete {churn_topic}: {status}"
+                );
+            }
+            74..76 => {
+                // Abrupt reconnect: no close handshake. Its log is still checked.
+                let old = std::mem::replace(&mut client, SoakClient::connect(addr).await);
+                old.reader.abort();
+                finished.push(old.log.clone());
+                drop(old);
+            }
+            76..86 => {
+                client.send("ping", "", json!({"type":"ping"})).await;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(rng.below(20))).await,
+        }
+    }
+    client.settle().await;
+    (finished, client)
+}
+
+/// `cargo test --release -- --ignored soak`; `SOAK_SECS` sets the length (default 60) and
+/// `SOAK_SEED` replays a run (the seed is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn soak() {
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let seed: u64 = std::env::var("SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("soak: {secs} s, SOAK_SEED={seed}");
+    let server = Spawned::start(&[
+        ("LOG_LEVEL", "warn"),
+        ("QUEUE_SIZE", "32"),
+        ("REPLAY_SIZE", "50"),
+    ]);
+    let addr = server.addr;
+    for topic in STABLE {
+        create(addr, topic).await;
+    }
+    let fds_before = server.fds();
+    let rss_before = server.rss_kib();
+    let until = Instant::now() + Duration::from_secs(secs);
+
+    // 20 steady subscribers on every stable topic, reading with pauses (so they drop), for
+    // the whole run; 180 churners doing everything else.
+    let mut steady = Vec::new();
+    for _ in 0..20 {
+        let mut client = SoakClient::connect(addr).await;
+        for topic in STABLE {
+            client
+                .send(
+                    "sub",
+                    topic,
+                    json!({"type":"subscribe","topic":topic,"last_n":10}),
+                )
+                .await;
+        }
+        client.settle().await;
+        steady.push(client);
+    }
+    let churners: Vec<_> = (0..180u64)
+        .map(|i| {
+            tokio::spawn(churn(
+                addr,
+                seed ^ (i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                until,
+            ))
+        })
+        .collect();
+    let mut pause = Rng(seed ^ 0x5eed);
+    while Instant::now() < until {
+        // Now and then a steady subscriber stops reading for a while: its queue overflows.
+        let victim = pause.below(steady.len() as u64) as usize;
+        let stop_for = Duration::from_millis(300 + pause.below(1200));
+        steady[victim].log.lock().unwrap().pause_until = Some(Instant::now() + stop_for);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut dropped_logs = Vec::new();
+    let mut churners_open = Vec::new();
+    for task in churners {
+        let (logs, client) = task.await.unwrap();
+        dropped_logs.extend(logs);
+        churners_open.push(client);
+    }
+    for client in &mut steady {
+        client.send("ping", "", json!({"type":"ping"})).await;
+        client.settle().await;
+    }
+
+    // Every connection's log obeys the contract.
+    for (i, log) in dropped_logs.iter().enumerate() {
+        let _ = verify(
+            &log.lock().unwrap(),
+            &format!("dropped connection {i} (seed {seed})"),
+            false,
+        );
+    }
+    // Drops on stable topics happen only to steady subscribers, which never left: the
+    // server's count and theirs must agree exactly (a notice may trail the last pong).
+    eventually("stable-topic drops agree", || {
+        let tally: u64 = steady.iter().map(|c| c.log.lock().unwrap().dropped).sum();
+        async move {
+            let stats = http(addr, "GET", "/stats", None).await.body;
+            let dropped: u64 = STABLE
+                .iter()
+                .map(|t| stats["topics"][*t]["dropped"].as_u64().unwrap())
+                .sum();
+            if dropped == tally {
+                Ok(())
+            } else {
+                Err(format!("server {dropped}, clients {tally}"))
+            }
+        }
+    })
+    .await;
+    let dropped_total: u64 = steady.iter().map(|c| c.log.lock().unwrap().dropped).sum();
+    println!("soak: {dropped_total} events dropped for slow steady subscribers, all accounted for");
+    // /health agrees with the clients still open (deletion notices may still be arriving,
+    // so the expectation is recomputed from the logs on every probe).
+    let open_clients: Vec<&SoakClient> = steady.iter().chain(churners_open.iter()).collect();
+    eventually("health matches the open clients", || {
+        let mut subscriptions = 0;
+        let mut unexplained = None;
+        for (i, client) in open_clients.iter().enumerate() {
+            let who = format!("open connection {i} (seed {seed})");
+            match verify(&client.log.lock().unwrap(), &who, true) {
+                Ok(open) => subscriptions += open.len(),
+                Err(e) => unexplained = Some(e),
+            }
+        }
+        let connections = open_clients.len();
+        async move {
+            if let Some(e) = unexplained {
+                return Err(e);
+            }
+            let h = health(addr).await;
+            if h["connections"] == connections && h["subscribers"] == subscriptions {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{h} vs {connections} connections, {subscriptions} subscriptions"
+                ))
+            }
+        }
+    })
+    .await;
+    for client in &steady {
+        let open = verify(&client.log.lock().unwrap(), "steady", true).unwrap();
+        assert_eq!(
+            open.len(),
+            STABLE.len(),
+            "steady subscribers keep all their subscriptions"
+        );
+    }
+
+    // Everyone leaves; the server returns to where it started.
+    for client in steady.into_iter().chain(churners_open) {
+        client.reader.abort();
+        drop(client);
+    }
+    counts_become(addr, 0, 0).await;
+    eventually("descriptors back to their starting level", || {
+        let fds = server.fds();
+        async move {
+            if fds <= fds_before {
+                Ok(())
+            } else {
+                Err(format!("{fds} open, {fds_before} before"))
+            }
+        }
+    })
+    .await;
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after <= rss_before + 32 * 1024,
+        "RSS {rss_before} KiB → {rss_after} KiB"
+    );
+    // A second sample a moment later: memory is no longer growing once everyone is gone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_later = server.rss_kib();
+    assert!(
+        rss_later <= rss_after + 1024,
+        "RSS still growing: {rss_after} → {rss_later} KiB"
+    );
+    println!("soak: ok (SOAK_SEED={seed}), RSS {rss_before} → {rss_later} KiB");
+}
