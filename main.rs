@@ -734,17 +734,29 @@ enum MessageId<'a> {
     Assigned(u64, u64),
 }
 
-/// Appends the decimal digits of `n` (the hot path's integers; `fmt` is slower).
-fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+/// Appends the decimal digits of `n`, two at a time: every publish writes three or four
+/// integers (ids, `seq`), and the profile showed the digit-at-a-time loop at 5% of fan-in CPU.
+pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     buf.extend_from_slice(&digits[at..]);
 }

@@ -1779,6 +1779,15 @@ mod properties {
         }
 
         #[test]
+        fn integers_are_written_as_rust_writes_them(n in any::<u64>(), small in 0u64..1000) {
+            for n in [n, small] {
+                let mut written = Vec::new();
+                server::push_u64(&mut written, n);
+                prop_assert_eq!(String::from_utf8(written).unwrap(), n.to_string());
+            }
+        }
+
+        #[test]
         fn arbitrary_json_gets_a_reply_of_the_contract(value in json_value()) {
             check_decode(&value.to_string());
         }
