@@ -639,8 +639,15 @@ async fn run_publisher(
     });
     let mut seq = 0u64;
     let mut next_topic = 0;
-    // NATS has no publish acks: a PING after every `batch` publishes, its PONG confirms them.
-    let batch = (window / 2).max(1);
+    // NATS has no publish acks: a PING after every `batch` publishes, its PONG confirms them
+    // (after every publish when paced, so each one is confirmed on its own).
+    let batch = if ticker.is_some() {
+        1
+    } else {
+        (window / 2).max(1)
+    };
+    // Paced publishes that are due (a tick arrived) and not yet sent.
+    let mut due = 0usize;
     let mut unconfirmed_batches: std::collections::VecDeque<usize> = Default::default();
     let mut since_ping = 0;
     let publish = |ws: &mut Ws, seq: u64, topic_slot: usize, now: u64| {
@@ -672,9 +679,10 @@ async fn run_publisher(
         if !sending && pending.is_empty() {
             break;
         }
-        // Fill the window (unlimited rate) before waiting for confirmations.
-        if sending && ticker.is_none() {
-            while pending.len() < window {
+        // Send what is due: the window's free room when unpaced, the ticks' count when paced.
+        if sending {
+            while (ticker.is_none() && pending.len() < window) || due > 0 {
+                due = due.saturating_sub(1);
                 seq += 1;
                 let now = shared.now_ns();
                 publish(&mut ws, seq, next_topic, now);
@@ -708,15 +716,7 @@ async fn run_publisher(
         };
         match read {
             None => {
-                seq += 1;
-                let now = shared.now_ns();
-                publish(&mut ws, seq, next_topic, now);
-                pending.push_back((topics[next_topic], now));
-                next_topic = (next_topic + 1) % topics.len();
-                if opts.target == Target::Nats {
-                    ws.queue(OP_BINARY, b"PING\r\n");
-                    unconfirmed_batches.push_back(1);
-                }
+                due += 1;
                 continue;
             }
             Some(Err(e)) => return Err(e),

@@ -1889,13 +1889,16 @@ type Ws = WebSocketStream<ReadAhead>;
 const READ_AHEAD: usize = 16 * 1024;
 
 /// The socket as tungstenite sees it. tungstenite reads in 2 KiB steps (its buffer is
-/// allocated up front, so it is small); this reads up to 16 KiB per system call into a buffer
-/// that exists only while it holds unread bytes, so a busy publisher pays one `read` per ~80
-/// messages and an idle connection holds nothing. Writes go straight to the socket.
+/// allocated up front, so it is small). Once a read fills such a step, the connection is busy
+/// and this reads up to 16 KiB per system call into a buffer that exists only while it holds
+/// unread bytes: a busy publisher pays one `read` per ~80 messages, while quiet connections
+/// read straight into tungstenite's buffer and never allocate one. Writes go straight through.
 pub(crate) struct ReadAhead {
     stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
+    /// The last read filled what it was given: more is probably waiting.
+    busy: bool,
 }
 
 impl ReadAhead {
@@ -1904,6 +1907,7 @@ impl ReadAhead {
             stream,
             buf: Vec::new(),
             pos: 0,
+            busy: false,
         }
     }
 }
@@ -1927,6 +1931,14 @@ impl tokio::io::AsyncRead for ReadAhead {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if !this.busy {
+                let before = out.filled().len();
+                let read = std::pin::Pin::new(&mut this.stream).poll_read(cx, out);
+                if let Poll::Ready(Ok(())) = read {
+                    this.busy = out.remaining() == 0 && out.filled().len() > before;
+                }
+                return read;
+            }
             // Wait for readiness before allocating, so a waiting connection holds no buffer.
             match this.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -1936,7 +1948,9 @@ impl tokio::io::AsyncRead for ReadAhead {
             let mut buf = Vec::with_capacity(READ_AHEAD);
             match this.stream.try_read_buf(&mut buf) {
                 Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {
+                Ok(n) => {
+                    // Traffic has slowed: go back to reading directly.
+                    this.busy = n == READ_AHEAD;
                     this.buf = buf;
                     this.pos = 0;
                 }
@@ -2233,10 +2247,12 @@ impl Session {
         Ok(())
     }
 
-    /// Writes `out` once it holds a chunk's worth.
+    /// Writes `out` once it holds a chunk's worth. Boxed: it is reached from deep inside the
+    /// request handlers, whose futures would otherwise each carry a copy of its state in
+    /// every connection's task, for a write that happens only once per 64 KiB.
     async fn write_if_full(&mut self, ws: &mut Ws) -> Result<(), WsError> {
         if self.out.len() >= OUT_CHUNK {
-            self.write_out(ws).await?;
+            Box::pin(self.write_out(ws)).await?;
         }
         Ok(())
     }

@@ -741,17 +741,6 @@ async fn rest_errors_follow_the_contract() {
     .await;
     assert_eq!(too_big.status, 413);
     assert_eq!(too_big.body["error"]["code"], "PAYLOAD_TOO_LARGE");
-    let mut long_head = b"GET /health HTTP/1.1\r\n".to_vec();
-    long_head.extend(format!("X-Filler: {}\r\n\r\n", "a".repeat(9000)).as_bytes());
-    let r = raw_http(addr, &long_head).await;
-    assert_eq!(r.status, 431);
-    assert_eq!(r.body["error"]["code"], "HEADERS_TOO_LARGE");
-    let mut many = b"GET /health HTTP/1.1\r\n".to_vec();
-    for i in 0..150 {
-        many.extend(format!("X-{i}: 1\r\n").as_bytes());
-    }
-    many.extend(b"\r\n");
-    assert_eq!(raw_http(addr, &many).await.status, 431);
     for bad in [
         &b"POST /topics HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"[..],
         b"POST /topics HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
@@ -1161,7 +1150,9 @@ async fn oversized_and_malformed_heads_get_their_status_and_the_server_carries_o
         thousand.extend(format!("H{i}: v\r\n").as_bytes());
     }
     thousand.extend(b"\r\n");
-    assert_eq!(raw_http(addr, &thousand).await.status, 431);
+    let refused = raw_http(addr, &thousand).await;
+    assert_eq!(refused.status, 431);
+    assert_eq!(refused.body["error"]["code"], "HEADERS_TOO_LARGE");
     // Garbage: a 400, or a close — never a hang or a crash.
     for garbage in [
         &b"\x00\x01\x02\x03\xff\xfe\r\n\r\n"[..],
