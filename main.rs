@@ -12,8 +12,8 @@
 //! a subscriber set swapped atomically with `arc-swap` and one small `Mutex` (its ordering point)
 //! that assigns `seq`, appends to the replay ring and pushes the event into each subscriber's
 //! bounded, lock-free, drop-oldest queue. An event is serialized once; every subscriber shares its
-//! bytes. Each WebSocket connection is one task that reads requests, answers them in order, and
-//! drains its queue into the socket in batches with a single flush.
+//! bytes, its WebSocket frame included. Each WebSocket connection is one task that reads
+//! requests, answers them in order, and drains its queue into the socket with one write per batch.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};

@@ -1065,11 +1065,9 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
     }
     // The subscriber has read nothing yet: its events sit in the server's queue and buffers.
     let signalled = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    // SAFETY: kill(2) with a PID this test spawned and still owns (not yet reaped).
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "SIGTERM delivered");
     let mut seqs = Vec::new();
     let mut told = false;
     loop {
