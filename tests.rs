@@ -2231,3 +2231,90 @@ async fn soak() {
     );
     println!("soak: ok (SOAK_SEED={seed}), RSS {rss_before} → {rss_later} KiB");
 }
+
+// ---- shutdown: the drain and a second signal ----
+
+fn signal(child: &std::process::Child, signal: libc::c_int) {
+    // SAFETY: kill(2) with a PID this test spawned and still owns (not yet reaped).
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(sent, 0, "signal delivered");
+}
+
+/// Waits for the child to exit, failing after `within`.
+async fn exit_status(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_rest_answers_503_and_new_connections_are_refused() {
+    let mut server = Spawned::start(&[("SHUTDOWN_GRACE_MS", "3000")]);
+    let addr = server.addr;
+    // A kept-alive REST connection, opened before the signal.
+    let mut rest = TcpStream::connect(addr).await.unwrap();
+    rest.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = timeout(DEADLINE, rest.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // A WebSocket client that never answers the Close keeps the drain going.
+    let _lingering = raw_websocket(addr).await;
+    signal(&server.child, libc::SIGTERM);
+    // The listener closes: a new connection is refused (or closed unanswered).
+    eventually("new connections refused", || async move {
+        match TcpStream::connect(addr).await {
+            Err(_) => Ok(()),
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"GET /health HTTP/1.1\r\n\r\n").await;
+                let mut response = Vec::new();
+                let _ = timeout(DEADLINE, stream.read_to_end(&mut response)).await;
+                if response.is_empty() {
+                    Ok(())
+                } else {
+                    Err("answered".to_string())
+                }
+            }
+        }
+    })
+    .await;
+    // The open REST connection gets 503 SHUTTING_DOWN.
+    rest.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_until_closed(&mut rest).await;
+    let response = parse_response(&response);
+    assert_eq!(response.status, 503);
+    assert_eq!(response.body["error"]["code"], "SHUTTING_DOWN");
+    // The drain ends at the grace period, with exit status 0.
+    let status = exit_status(&mut server.child, Duration::from_secs(3 + 3)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let mut server = Spawned::start(&[("SHUTDOWN_GRACE_MS", "60000")]);
+    let _lingering = raw_websocket(server.addr).await;
+    signal(&server.child, libc::SIGTERM);
+    // The first signal starts a drain that would last a minute (the client never closes)...
+    assert!(server.child.try_wait().unwrap().is_none());
+    signal(&server.child, libc::SIGINT);
+    // ...the second ends it now.
+    let status = exit_status(&mut server.child, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(1));
+}
