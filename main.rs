@@ -2082,9 +2082,14 @@ impl Session {
                     _ => None,
                 };
                 if let Some(code) = code {
+                    // A Close reason may hold at most 123 bytes.
+                    let mut reason = e.to_string();
+                    while reason.len() > 120 {
+                        reason.pop();
+                    }
                     let frame = CloseFrame {
                         code,
-                        reason: Utf8Bytes::from(e.to_string()),
+                        reason: Utf8Bytes::from(reason),
                     };
                     let close = async {
                         self.write_out(&mut ws).await?;
