@@ -1453,6 +1453,25 @@ impl Spawned {
     }
 }
 
+impl Spawned {
+    /// Waits until no connection or subscription is left and the descriptors are back to
+    /// `fds_before`.
+    async fn back_to_idle(&self, fds_before: usize) {
+        counts_become(self.addr, 0, 0).await;
+        eventually("descriptors back to their starting level", || {
+            let fds = self.fds();
+            async move {
+                if fds <= fds_before {
+                    Ok(())
+                } else {
+                    Err(format!("{fds} open, {fds_before} before"))
+                }
+            }
+        })
+        .await;
+    }
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1491,18 +1510,7 @@ async fn two_thousand_abrupt_disconnects_leave_no_trace() {
         "{fds_during} open, {fds_before} before"
     );
     drop(clients); // no close handshake: the sockets just go away
-    counts_become(addr, 0, 0).await;
-    eventually("descriptors back to their starting level", || {
-        let fds = server.fds();
-        async move {
-            if fds <= fds_before {
-                Ok(())
-            } else {
-                Err(format!("{fds} open, {fds_before} before"))
-            }
-        }
-    })
-    .await;
+    server.back_to_idle(fds_before).await;
     still_serves(addr).await;
 }
 
@@ -2210,18 +2218,7 @@ async fn soak() {
         client.reader.abort();
         drop(client);
     }
-    counts_become(addr, 0, 0).await;
-    eventually("descriptors back to their starting level", || {
-        let fds = server.fds();
-        async move {
-            if fds <= fds_before {
-                Ok(())
-            } else {
-                Err(format!("{fds} open, {fds_before} before"))
-            }
-        }
-    })
-    .await;
+    server.back_to_idle(fds_before).await;
     let rss_after = server.rss_kib();
     assert!(
         rss_after <= rss_before + 32 * 1024,
