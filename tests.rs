@@ -1037,10 +1037,14 @@ fn spawn_binary(envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(DEADLINE)
-        .expect("the startup line names the address");
-    (child, addr)
+    match rx.recv_timeout(DEADLINE) {
+        Ok(addr) => (child, addr),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the startup line names the address");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
