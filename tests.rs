@@ -1050,7 +1050,8 @@ fn spawn_binary(envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_flushes_queued_events_and_closes_with_1001() {
     const TOTAL: u64 = 3000;
-    let (mut child, addr) = spawn_binary(&[("QUEUE_SIZE", "10000"), ("SHUTDOWN_GRACE_MS", "2000")]);
+    let mut server = Spawned::start(&[("QUEUE_SIZE", "10000"), ("SHUTDOWN_GRACE_MS", "2000")]);
+    let addr = server.addr;
     create(addr, "last").await;
     let mut subscriber = Client::connect(addr).await;
     subscriber.subscribe("last", 0).await;
@@ -1069,9 +1070,7 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
     }
     // The subscriber has read nothing yet: its events sit in the server's queue and buffers.
     let signalled = Instant::now();
-    // SAFETY: kill(2) with a PID this test spawned and still owns (not yet reaped).
-    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(sent, 0, "SIGTERM delivered");
+    signal(&server.child, libc::SIGTERM);
     let mut seqs = Vec::new();
     let mut told = false;
     loop {
@@ -1101,17 +1100,10 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
         (1..=TOTAL).collect::<Vec<_>>(),
         "every queued event was flushed"
     );
+    // Exit status 0 within SHUTDOWN_GRACE_MS + 3 s of the signal.
     let exit_deadline = signalled + Duration::from_millis(2000) + Duration::from_secs(3);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < exit_deadline,
-            "the server did not exit in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let within = exit_deadline.saturating_duration_since(Instant::now());
+    let status = exit_status(&mut server.child, within).await;
     assert_eq!(status.code(), Some(0));
 }
 
