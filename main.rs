@@ -716,7 +716,8 @@ pub(crate) struct Topic {
     /// A single writer task per topic would give the same order but add a hop and a wake-up
     /// to every publish; the lock is uncontended in the common one-publisher case.
     state: Mutex<TopicState>,
-    /// Mirrors `state.deleted` for lock-free checks of a cached topic.
+    /// Set under the ordering lock by `close`; read there by `publish` and `subscribe`, and
+    /// without the lock by a connection checking a topic it holds.
     deleted: AtomicBool,
 }
 
@@ -724,7 +725,6 @@ struct TopicState {
     next_seq: u64,
     ring: VecDeque<Arc<Event>>,
     replay_size: usize,
-    deleted: bool,
 }
 
 /// A message's `id`: the client's (raw JSON, a string literal), or one the server assigns
@@ -793,7 +793,6 @@ impl Topic {
                 next_seq: 1,
                 ring: VecDeque::with_capacity(replay_size.min(1024)),
                 replay_size,
-                deleted: false,
             }),
             deleted: AtomicBool::new(false),
         }
@@ -805,6 +804,10 @@ impl Topic {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
     }
 
     fn subscriber_count(&self) -> usize {
@@ -846,7 +849,7 @@ impl Topic {
         });
         let mut evicted = None;
         let mut state = self.lock();
-        if state.deleted {
+        if self.is_deleted() {
             return None;
         }
         let seq = state.next_seq;
@@ -877,7 +880,7 @@ impl Topic {
     /// Registers `outbox` and returns the last `last_n` events, at the ordering point.
     fn subscribe(&self, outbox: &Arc<Outbox>, last_n: usize) -> Option<Vec<Arc<Event>>> {
         let state = self.lock();
-        if state.deleted {
+        if self.is_deleted() {
             return None;
         }
         self.subscribers.rcu(|current| {
@@ -905,7 +908,6 @@ impl Topic {
     /// the subscribers it had.
     fn close(&self) -> Vec<Arc<Outbox>> {
         let mut state = self.lock();
-        state.deleted = true;
         self.deleted.store(true, Ordering::Release);
         state.ring.clear();
         let subscribers = self.subscribers.swap(Arc::new(Vec::new()));
@@ -1767,7 +1769,7 @@ impl Frame {
     }
 
     fn finish(self) -> String {
-        self.finish_at(&now_rfc3339())
+        self.finish_at(Timestamp::now().as_str())
     }
 
     fn finish_at(mut self, ts: &str) -> String {
@@ -2283,10 +2285,7 @@ impl Session {
         let deleted = self.outbox.take_deleted();
         if !deleted.is_empty() {
             // Events of the deleted topics queued before the deletion go out first.
-            while let Some(event) = self.outbox.queue.pop() {
-                self.out.extend_from_slice(event.frame());
-                self.write_if_full(ws).await?;
-            }
+            self.move_queue(ws, None).await?;
             for shared in deleted {
                 let name = self
                     .subscriptions
@@ -2295,14 +2294,18 @@ impl Session {
                     .map(|(name, _)| name.clone());
                 if let Some(name) = name {
                     self.subscriptions.remove(&name);
-                    let notice = Frame::new("info")
-                        .string("topic", &name)
-                        .string("msg", "topic_deleted");
-                    self.put(notice.finish().as_bytes());
+                    self.put_topic_deleted(&name);
                 }
             }
         }
         Ok(())
+    }
+
+    fn put_topic_deleted(&mut self, topic: &str) {
+        let notice = Frame::new("info")
+            .string("topic", topic)
+            .string("msg", "topic_deleted");
+        self.put(notice.finish().as_bytes());
     }
 
     async fn on_message(&mut self, ws: &mut Ws, message: Message) -> Result<(), WsError> {
@@ -2358,7 +2361,7 @@ impl Session {
         let cached = self
             .last_published
             .take()
-            .filter(|t| t.name == name && !t.deleted.load(Ordering::Acquire));
+            .filter(|t| t.name == name && !t.is_deleted());
         let topic = cached
             .or_else(|| self.broker.topic(name))
             .ok_or_else(|| topic_not_found(name))?;
@@ -2386,7 +2389,7 @@ impl Session {
         // A pending deletion notice must go out before this subscription can be judged.
         self.drain(ws).await?;
         if let Some(current) = self.subscriptions.get(&name) {
-            if !current.deleted.load(Ordering::Acquire) {
+            if !current.is_deleted() {
                 self.put_ack(request_id, &name, None, Timestamp::now());
                 return Ok(());
             }
@@ -2395,11 +2398,8 @@ impl Session {
             // so the client never sees the new topic's events continue the old one's.
             let shared = Arc::clone(&current.shared);
             self.subscriptions.remove(&name);
-            self.purge(ws, &shared).await?;
-            let notice = Frame::new("info")
-                .string("topic", &name)
-                .string("msg", "topic_deleted");
-            self.put(notice.finish().as_bytes());
+            self.move_queue(ws, Some(&shared)).await?;
+            self.put_topic_deleted(&name);
         }
         let max = self.broker.config.max_subscriptions;
         if self.subscriptions.len() >= max {
@@ -2432,7 +2432,7 @@ impl Session {
     ) -> Result<(), WsError> {
         if let Some(topic) = self.subscriptions.remove(&name) {
             topic.unsubscribe(&self.outbox);
-            self.purge(ws, &topic.shared).await?;
+            self.move_queue(ws, Some(&topic.shared)).await?;
         } else if self.broker.topic(&name).is_none() {
             self.put_error(request_id, topic_not_found(&name));
             return Ok(());
@@ -2441,15 +2441,20 @@ impl Session {
         Ok(())
     }
 
-    /// Moves the queued events into `out`, leaving out those of `topic` (just unsubscribed).
-    /// Bounded by the queue's capacity: no event of `topic` can arrive after the unsubscribe,
-    /// so those present now are all within one queue-length of pops.
-    async fn purge(&mut self, ws: &mut Ws, topic: &Arc<TopicShared>) -> Result<(), WsError> {
+    /// Moves the queued events into `out`, leaving out those of `skip` (a topic just
+    /// unsubscribed or deleted). Bounded by the queue's capacity: no event of a topic that was
+    /// just left or deleted can arrive any more, so all of its events are within one
+    /// queue-length of pops, and a flood on other topics cannot keep this loop going.
+    async fn move_queue(
+        &mut self,
+        ws: &mut Ws,
+        skip: Option<&Arc<TopicShared>>,
+    ) -> Result<(), WsError> {
         for _ in 0..self.outbox.queue.capacity() {
             let Some(event) = self.outbox.queue.pop() else {
                 break;
             };
-            if !Arc::ptr_eq(&event.topic, topic) {
+            if !skip.is_some_and(|topic| Arc::ptr_eq(&event.topic, topic)) {
                 self.out.extend_from_slice(event.frame());
                 self.write_if_full(ws).await?;
             }
