@@ -105,8 +105,9 @@ impl Level {
     }
 }
 
-/// Everything the server can be told at start. `Default` is the documented configuration;
-/// tests build one and shrink what they need (a queue of 2, a heartbeat of 50 ms).
+/// Everything the server can be told at start. `Default` is the documented configuration,
+/// read from `SETTINGS`; tests build one and shrink what they need (a queue of 2, a heartbeat
+/// of 50 ms).
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) host: String,
@@ -114,7 +115,7 @@ pub(crate) struct Config {
     pub(crate) log_level: Level,
     /// Events queued per connection before the oldest is dropped.
     pub(crate) queue_size: usize,
-    /// Events kept per topic for `last_n` replays.
+    /// Events kept per topic for `last_n` and `since_seq` replays.
     pub(crate) replay_size: usize,
     /// Largest WebSocket message and REST body.
     pub(crate) max_message_bytes: usize,
@@ -127,76 +128,162 @@ pub(crate) struct Config {
     pub(crate) heartbeat: Duration,
     /// How long shutdown may spend flushing queues before the process exits anyway.
     pub(crate) shutdown_grace: Duration,
+    /// Subscribing or publishing to an unknown (valid) topic creates it.
+    pub(crate) auto_create: bool,
     /// Deadline for a whole request head, from the connection's start or the previous
-    /// response. Not an environment variable: it exists so tests can shrink it.
+    /// response. Not a setting: it exists so tests can shrink it.
     pub(crate) head_timeout: Duration,
+}
+
+/// One setting: its variable, its default, what it means, and how a value is applied. This
+/// table is the one place a setting is described: `Config::default`, the parser and `--help`
+/// all read it. `apply` gets the trimmed value and says what is wrong with a bad one.
+struct Setting {
+    name: &'static str,
+    default: &'static str,
+    meaning: &'static str,
+    apply: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+/// The settings, in the order `--help` lists them.
+const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "HOST",
+        default: "127.0.0.1",
+        meaning: "address to bind (0.0.0.0 to serve other machines)",
+        apply: |c, v| {
+            if v.is_empty() {
+                return Err("empty".into());
+            }
+            c.host = v.to_string();
+            Ok(())
+        },
+    },
+    Setting {
+        name: "PORT",
+        default: "8000",
+        meaning: "port (0 = any free port; the chosen address is logged)",
+        apply: |c, v| number(v, 0, 65535).map(|n| c.port = n as u16),
+    },
+    Setting {
+        name: "LOG_LEVEL",
+        default: "info",
+        meaning: "error, warn, info or debug",
+        apply: |c, v| {
+            c.log_level = match v.to_ascii_lowercase().as_str() {
+                "error" => Level::Error,
+                "warn" => Level::Warn,
+                "info" => Level::Info,
+                "debug" => Level::Debug,
+                _ => return Err("expected error, warn, info or debug".into()),
+            };
+            Ok(())
+        },
+    },
+    Setting {
+        name: "QUEUE_SIZE",
+        default: "1000",
+        meaning: "events queued per connection before drop-oldest",
+        apply: |c, v| number(v, 1, MAX_QUEUE_SIZE as u64).map(|n| c.queue_size = n as usize),
+    },
+    Setting {
+        name: "REPLAY_SIZE",
+        default: "100",
+        meaning: "events kept per topic for last_n and since_seq",
+        apply: |c, v| number(v, 0, MAX_QUEUE_SIZE as u64).map(|n| c.replay_size = n as usize),
+    },
+    Setting {
+        name: "MAX_MESSAGE_BYTES",
+        default: "65536",
+        meaning: "largest WebSocket message and REST body",
+        apply: |c, v| {
+            number(v, 1, MAX_MESSAGE_LIMIT as u64).map(|n| c.max_message_bytes = n as usize)
+        },
+    },
+    Setting {
+        name: "MAX_CONNECTIONS",
+        default: "10000",
+        meaning: "open connections; beyond it new ones get 503",
+        apply: |c, v| number(v, 1, u32::MAX as u64).map(|n| c.max_connections = n as usize),
+    },
+    Setting {
+        name: "MAX_TOPICS",
+        default: "10000",
+        meaning: "topics; beyond it creating one gets 429",
+        apply: |c, v| number(v, 1, u32::MAX as u64).map(|n| c.max_topics = n as usize),
+    },
+    Setting {
+        name: "MAX_SUBSCRIPTIONS",
+        default: "1000",
+        meaning: "topics one connection may subscribe to",
+        apply: |c, v| number(v, 1, u32::MAX as u64).map(|n| c.max_subscriptions = n as usize),
+    },
+    Setting {
+        name: "HEARTBEAT_SECS",
+        default: "30",
+        meaning: "heartbeat interval; 0 turns it off",
+        apply: |c, v| number(v, 0, 86_400).map(|n| c.heartbeat = Duration::from_secs(n)),
+    },
+    Setting {
+        name: "SHUTDOWN_GRACE_MS",
+        default: "2000",
+        meaning: "how long shutdown may spend flushing queues",
+        apply: |c, v| number(v, 0, 3_600_000).map(|n| c.shutdown_grace = Duration::from_millis(n)),
+    },
+    Setting {
+        name: "AUTO_CREATE",
+        default: "false",
+        meaning: "subscribing or publishing to an unknown topic creates it",
+        apply: |c, v| {
+            c.auto_create = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err("expected true or false".into()),
+            };
+            Ok(())
+        },
+    },
+];
+
+/// A whole number within `min..=max`, digits only (`"+5".parse()` would accept a sign).
+fn number(value: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = value
+        .parse()
+        .ok()
+        .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or("not a whole number")?;
+    if n < min || n > max {
+        return Err(format!("must be between {min} and {max}"));
+    }
+    Ok(n)
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            host: "127.0.0.1".into(),
-            port: 8000,
+        // Placeholders only: every setting's documented default is applied from `SETTINGS`.
+        let mut config = Config {
+            host: String::new(),
+            port: 0,
             log_level: Level::Info,
-            queue_size: 1000,
-            replay_size: 100,
-            max_message_bytes: 65536,
-            max_connections: 10_000,
-            max_topics: 10_000,
-            max_subscriptions: 1000,
-            heartbeat: Duration::from_secs(30),
-            shutdown_grace: Duration::from_millis(2000),
+            queue_size: 0,
+            replay_size: 0,
+            max_message_bytes: 0,
+            max_connections: 0,
+            max_topics: 0,
+            max_subscriptions: 0,
+            heartbeat: Duration::ZERO,
+            shutdown_grace: Duration::ZERO,
+            auto_create: false,
             head_timeout: Duration::from_secs(10),
+        };
+        for setting in SETTINGS {
+            // The defaults are constants, checked by a test; a bad one is a bug, not input.
+            (setting.apply)(&mut config, setting.default)
+                .unwrap_or_else(|why| panic!("default of {}: {why}", setting.name));
         }
+        config
     }
 }
-
-/// The settings, in the order `--help` lists them: variable name, default, meaning.
-const SETTINGS: &[(&str, &str, &str)] = &[
-    (
-        "HOST",
-        "127.0.0.1",
-        "address to bind (0.0.0.0 to serve other machines)",
-    ),
-    (
-        "PORT",
-        "8000",
-        "port (0 = any free port; the chosen address is logged)",
-    ),
-    ("LOG_LEVEL", "info", "error, warn, info or debug"),
-    (
-        "QUEUE_SIZE",
-        "1000",
-        "events queued per connection before drop-oldest",
-    ),
-    ("REPLAY_SIZE", "100", "events kept per topic for last_n"),
-    (
-        "MAX_MESSAGE_BYTES",
-        "65536",
-        "largest WebSocket message and REST body",
-    ),
-    (
-        "MAX_CONNECTIONS",
-        "10000",
-        "open connections; beyond it new ones get 503",
-    ),
-    (
-        "MAX_TOPICS",
-        "10000",
-        "topics; beyond it POST /topics gets 429",
-    ),
-    (
-        "MAX_SUBSCRIPTIONS",
-        "1000",
-        "topics one connection may subscribe to",
-    ),
-    ("HEARTBEAT_SECS", "30", "heartbeat interval; 0 turns it off"),
-    (
-        "SHUTDOWN_GRACE_MS",
-        "2000",
-        "how long shutdown may spend flushing queues",
-    ),
-];
 
 impl Config {
     /// Reads the environment, then the command line (`--queue-size 64` or `--queue-size=64`),
@@ -205,10 +292,10 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         args: &[String],
     ) -> Result<Config, String> {
-        let mut values: Vec<(&str, String)> = Vec::new();
-        for (name, _, _) in SETTINGS {
-            if let Some(value) = env(name) {
-                values.push((name, value));
+        let mut values: Vec<(&Setting, String)> = Vec::new();
+        for setting in SETTINGS {
+            if let Some(value) = env(setting.name) {
+                values.push((setting, value));
             }
         }
         let mut args = args.iter();
@@ -217,15 +304,10 @@ impl Config {
                 Some((flag, value)) => (flag, Some(value.to_string())),
                 None => (arg.as_str(), None),
             };
-            let name = flag
+            let setting = flag
                 .strip_prefix("--")
                 .map(|f| f.to_ascii_uppercase().replace('-', "_"))
-                .and_then(|n| {
-                    SETTINGS
-                        .iter()
-                        .find(|(s, _, _)| *s == n)
-                        .map(|(s, _, _)| *s)
-                })
+                .and_then(|name| SETTINGS.iter().find(|s| s.name == name))
                 .ok_or_else(|| format!("unknown argument '{arg}' (see --help)"))?;
             let value = match inline {
                 Some(value) => value,
@@ -234,56 +316,15 @@ impl Config {
                     .cloned()
                     .ok_or_else(|| format!("{flag} needs a value"))?,
             };
-            values.push((name, value));
+            values.push((setting, value));
         }
         let mut config = Config::default();
-        for (name, value) in values {
-            config.set(name, value.trim())?;
+        for (setting, value) in values {
+            let value = value.trim();
+            (setting.apply)(&mut config, value)
+                .map_err(|why| format!("invalid {}='{value}': {why}", setting.name))?;
         }
         Ok(config)
-    }
-
-    fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
-        let invalid = |why: &str| format!("invalid {name}='{value}': {why}");
-        let number = |min: u64, max: u64| -> Result<u64, String> {
-            let n: u64 = value
-                .parse()
-                .ok()
-                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| invalid("not a whole number"))?;
-            if n < min || n > max {
-                return Err(invalid(&format!("must be between {min} and {max}")));
-            }
-            Ok(n)
-        };
-        match name {
-            "HOST" if value.is_empty() => return Err(invalid("empty")),
-            "HOST" => self.host = value.to_string(),
-            "PORT" => self.port = number(0, 65535)? as u16,
-            "LOG_LEVEL" => {
-                self.log_level = match value.to_ascii_lowercase().as_str() {
-                    "error" => Level::Error,
-                    "warn" => Level::Warn,
-                    "info" => Level::Info,
-                    "debug" => Level::Debug,
-                    _ => return Err(invalid("expected error, warn, info or debug")),
-                }
-            }
-            "QUEUE_SIZE" => self.queue_size = number(1, MAX_QUEUE_SIZE as u64)? as usize,
-            "REPLAY_SIZE" => self.replay_size = number(0, MAX_QUEUE_SIZE as u64)? as usize,
-            "MAX_MESSAGE_BYTES" => {
-                self.max_message_bytes = number(1, MAX_MESSAGE_LIMIT as u64)? as usize
-            }
-            "MAX_CONNECTIONS" => self.max_connections = number(1, u32::MAX as u64)? as usize,
-            "MAX_TOPICS" => self.max_topics = number(1, u32::MAX as u64)? as usize,
-            "MAX_SUBSCRIPTIONS" => self.max_subscriptions = number(1, u32::MAX as u64)? as usize,
-            "HEARTBEAT_SECS" => self.heartbeat = Duration::from_secs(number(0, 86_400)?),
-            "SHUTDOWN_GRACE_MS" => {
-                self.shutdown_grace = Duration::from_millis(number(0, 3_600_000)?)
-            }
-            _ => return Err(format!("unknown setting {name}")),
-        }
-        Ok(())
     }
 }
 
@@ -294,11 +335,12 @@ fn help() -> String {
          Each setting is an environment variable or a flag (QUEUE_SIZE=64 is --queue-size 64);\n\
          a flag wins over the variable.\n\n",
     );
-    for (name, default, meaning) in SETTINGS {
-        let flag = format!("--{}", name.to_ascii_lowercase().replace('_', "-"));
+    for s in SETTINGS {
+        let flag = format!("--{}", s.name.to_ascii_lowercase().replace('_', "-"));
         let _ = writeln!(
             text,
-            "  {flag:<22} {name:<18} default {default:<10} {meaning}"
+            "  {flag:<22} {:<18} default {:<10} {}",
+            s.name, s.default, s.meaning
         );
     }
     text
@@ -452,7 +494,7 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
 // ---- accepting a connection and routing it ----
 
 /// One accepted TCP connection before it knows what it is: REST requests on a kept-alive
-/// connection, or a WebSocket after the upgrade.
+/// connection, a WebSocket after the upgrade, or an SSE stream.
 struct Connection {
     broker: Arc<Broker>,
     stop: watch::Receiver<Option<Instant>>,
@@ -476,9 +518,12 @@ impl Connection {
         let _guard = SocketGuard(Arc::clone(&broker));
         let _ = stream.set_nodelay(true);
         if open > broker.config.max_connections {
-            let body = error_body("LIMIT_EXCEEDED", "too many open connections");
-            let response = Response::new(503, body).closing();
-            let _ = timeout(Duration::from_secs(1), response.write(&mut stream)).await;
+            let response = Response::error(503, "LIMIT_EXCEEDED", "too many open connections");
+            let _ = timeout(
+                Duration::from_secs(1),
+                response.closing().write(&mut stream),
+            )
+            .await;
             return;
         }
         let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -500,35 +545,34 @@ impl Connection {
                 HeadRead::Closed => return,
             };
             if broker.stopping.load(Ordering::Acquire) {
-                let body = error_body("SHUTTING_DOWN", "the server is shutting down");
-                let _ = Response::new(503, body)
-                    .closing()
-                    .write_within(&mut stream, 1)
-                    .await;
+                let response = Response::error(503, "SHUTTING_DOWN", "the server is shutting down");
+                let _ = response.closing().write_within(&mut stream, 1).await;
                 return;
             }
             if request.path == "/ws" && request.method == "GET" && request.wants_upgrade() {
                 return self.upgrade(stream, request, buf).await;
             }
             let keep_alive = request.keep_alive();
-            let response = match self
+            let body = match self
                 .read_body(&mut stream, &mut buf, &request, deadline)
                 .await
             {
-                Ok(body) => {
-                    let response = rest(&broker, &request, &body);
-                    if keep_alive {
-                        response
-                    } else {
-                        response.closing()
-                    }
-                }
+                Ok(body) => body,
                 Err(BodyError::TooLarge) => {
                     let message =
                         format!("body larger than {} bytes", broker.config.max_message_bytes);
-                    Response::new(413, error_body("PAYLOAD_TOO_LARGE", &message)).closing()
+                    let response = Response::error(413, "PAYLOAD_TOO_LARGE", &message);
+                    let _ = response.closing().write_within(&mut stream, 10).await;
+                    return;
                 }
                 Err(BodyError::Closed) => return,
+            };
+            let response = match rest(&broker, &request, &body) {
+                Answer::Respond(response) if keep_alive => response,
+                Answer::Respond(response) => response.closing(),
+                Answer::Stream(name, replay) => {
+                    return Box::pin(SseStream::serve(self, stream, name, replay)).await;
+                }
             };
             let close = response.close;
             if response.write_within(&mut stream, 10).await.is_err() || close {
@@ -569,23 +613,18 @@ impl Connection {
         let key = request.header("sec-websocket-key").map(str::trim);
         let version = request.header("sec-websocket-version").map(str::trim);
         if version != Some("13") {
-            let body = error_body("BAD_REQUEST", "unsupported WebSocket version; use 13");
-            let response = Response::new(426, body)
+            let why = "unsupported WebSocket version; use 13";
+            let response = Response::error(426, "BAD_REQUEST", why)
                 .header("Sec-WebSocket-Version", "13")
                 .closing();
             let _ = response.write_within(&mut stream, 1).await;
             return;
         }
-        let key = match key.filter(|k| is_websocket_key(k)) {
-            Some(key) => key,
-            None => {
-                let body = error_body("BAD_REQUEST", "missing or malformed Sec-WebSocket-Key");
-                let _ = Response::new(400, body)
-                    .closing()
-                    .write_within(&mut stream, 1)
-                    .await;
-                return;
-            }
+        let Some(key) = key.filter(|k| is_websocket_key(k)) else {
+            let why = "missing or malformed Sec-WebSocket-Key";
+            let response = Response::error(400, "BAD_REQUEST", why).closing();
+            let _ = response.write_within(&mut stream, 1).await;
+            return;
         };
         let accept = derive_accept_key(key.as_bytes());
         let head = format!(
@@ -610,7 +649,7 @@ impl Connection {
             Some(ws_config),
         )
         .await;
-        Session::new(self.broker, self.stop).run(ws).await;
+        Session::new(self.broker, self.stop, ws).run().await;
     }
 }
 
@@ -629,7 +668,7 @@ fn is_websocket_key(key: &str) -> bool {
         && &b[22..] == b"=="
 }
 
-// ---- shared state: the broker, topics, outboxes ----
+// ---- shared state: the broker, topics, events, outboxes ----
 
 /// State shared by every connection.
 pub(crate) struct Broker {
@@ -639,9 +678,11 @@ pub(crate) struct Broker {
     topics: DashMap<String, Arc<Topic>>,
     /// Number of topics, kept beside the map so `MAX_TOPICS` is checked without a scan.
     topic_count: AtomicUsize,
+    /// Topics ever created, so that every incarnation of a name gets its own `epoch`.
+    created: AtomicU64,
     /// Every open TCP connection, for `MAX_CONNECTIONS`.
     open_sockets: AtomicUsize,
-    /// Open WebSocket sessions, for `/health`.
+    /// Open WebSocket and SSE connections, for `/health`.
     sessions: AtomicUsize,
     /// Source of connection ids (for logs and server-assigned message ids).
     next_id: AtomicU64,
@@ -656,6 +697,7 @@ impl Broker {
             config,
             topics: DashMap::new(),
             topic_count: AtomicUsize::new(0),
+            created: AtomicU64::new(0),
             open_sockets: AtomicUsize::new(0),
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -668,16 +710,33 @@ impl Broker {
         self.topics.get(name).map(|entry| Arc::clone(entry.value()))
     }
 
-    fn create_topic(&self, name: &str) -> Result<(), &'static str> {
+    /// The topic a subscribe or publish names: unknown is `TOPIC_NOT_FOUND`, unless
+    /// `AUTO_CREATE` is on, which creates it (within `MAX_TOPICS`).
+    fn find_topic(&self, name: &str) -> Result<Arc<Topic>, Reject> {
+        if let Some(topic) = self.topic(name) {
+            return Ok(topic);
+        }
+        if !self.config.auto_create {
+            return Err(topic_not_found(name));
+        }
+        match self.create_topic(name) {
+            Ok(topic) | Err(Created::Exists(topic)) => Ok(topic),
+            Err(Created::Full) => Err(too_many_topics(self.config.max_topics)),
+        }
+    }
+
+    fn create_topic(&self, name: &str) -> Result<Arc<Topic>, Created> {
         match self.topics.entry(name.to_string()) {
-            Entry::Occupied(_) => Err("TOPIC_EXISTS"),
+            Entry::Occupied(slot) => Err(Created::Exists(Arc::clone(slot.get()))),
             Entry::Vacant(slot) => {
                 if self.topic_count.fetch_add(1, Ordering::AcqRel) >= self.config.max_topics {
                     self.topic_count.fetch_sub(1, Ordering::AcqRel);
-                    return Err("LIMIT_EXCEEDED");
+                    return Err(Created::Full);
                 }
-                slot.insert(Arc::new(Topic::new(name, self.config.replay_size)));
-                Ok(())
+                let n = self.created.fetch_add(1, Ordering::Relaxed) + 1;
+                let topic = Arc::new(Topic::new(name, n, self.config.replay_size));
+                slot.insert(Arc::clone(&topic));
+                Ok(topic)
             }
         }
     }
@@ -696,6 +755,12 @@ impl Broker {
     }
 }
 
+/// Why a topic was not created.
+enum Created {
+    Exists(Arc<Topic>),
+    Full,
+}
+
 /// The part of a topic that its events point back to: identity (compared by pointer) and the
 /// drop counter, which an evicted event must find after the topic itself may be gone.
 pub(crate) struct TopicShared {
@@ -704,6 +769,9 @@ pub(crate) struct TopicShared {
 
 pub(crate) struct Topic {
     name: String,
+    /// Fixed at creation and different for every incarnation of the name, so a client
+    /// resuming with `since_seq` learns that the `seq` it holds belongs to a deleted topic.
+    epoch: String,
     shared: Arc<TopicShared>,
     /// Outboxes of the current subscribers. Swapped whole (`rcu`) under the ordering lock;
     /// readers such as `/stats` load a snapshot without taking the lock.
@@ -723,12 +791,153 @@ pub(crate) struct Topic {
 
 struct TopicState {
     next_seq: u64,
+    /// The `ts` of the last event: a publisher whose clock read came before another's but
+    /// reached the lock after it takes this one, so `ts` never decreases along `seq`.
+    last_ts: Timestamp,
+    /// The last events, oldest first, with consecutive `seq`s ending at `next_seq - 1`.
     ring: VecDeque<Arc<Event>>,
     replay_size: usize,
 }
 
+/// Which past events a subscriber asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replay {
+    /// The last `n` the ring holds (0: none).
+    Last(usize),
+    /// Every event after this `seq` that the ring still holds.
+    Since(u64),
+}
+
+/// What a subscriber gets at the ordering point: the replay, and how many events it asked
+/// for that the ring no longer holds.
+struct Backlog {
+    events: Vec<Arc<Event>>,
+    missed: u64,
+}
+
+impl Topic {
+    fn new(name: &str, incarnation: u64, replay_size: usize) -> Topic {
+        let created = Timestamp::now();
+        Topic {
+            name: name.to_string(),
+            epoch: format!("{}.{incarnation}", created.millis),
+            shared: Arc::new(TopicShared {
+                dropped: AtomicU64::new(0),
+            }),
+            subscribers: ArcSwap::from_pointee(Vec::new()),
+            state: Mutex::new(TopicState {
+                next_seq: 1,
+                last_ts: created,
+                ring: VecDeque::with_capacity(replay_size.min(1024)),
+                replay_size,
+            }),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TopicState> {
+        // Nothing panics while holding the lock; if something ever did, the state is still
+        // consistent enough to keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn subscriber_count(&self) -> usize {
+        self.subscribers.load().len()
+    }
+
+    fn published(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// Assigns the next `seq` and delivers the event; `None` if the topic was deleted.
+    /// Encoding happens before the lock; under it, only what gives the order.
+    fn publish(&self, id: MessageId, payload: &str) -> Option<(u64, Timestamp)> {
+        let ts = Timestamp::now();
+        let mut event = Event::draft(&self.shared, &self.name, id, payload);
+        // Declared before the guard, so dropped after it: what the ring evicts is freed
+        // outside the critical section.
+        let mut evicted = None;
+        let mut state = self.lock();
+        if self.is_deleted() {
+            return None;
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let ts = ts.max(state.last_ts);
+        state.last_ts = ts;
+        Event::seal(&mut event, seq, ts)?;
+        if state.replay_size > 0 {
+            if state.ring.len() == state.replay_size {
+                evicted = state.ring.pop_front();
+            }
+            state.ring.push_back(Arc::clone(&event));
+        }
+        for outbox in self.subscribers.load().iter() {
+            outbox.push(&event);
+        }
+        drop(state);
+        drop(evicted);
+        Some((seq, ts))
+    }
+
+    /// Registers `outbox` and reads the replay it asked for, at the ordering point.
+    fn subscribe(&self, outbox: &Arc<Outbox>, replay: Replay) -> Option<Backlog> {
+        let state = self.lock();
+        if self.is_deleted() {
+            return None;
+        }
+        self.subscribers.rcu(|current| {
+            let mut next = Vec::with_capacity(current.len() + 1);
+            next.extend(current.iter().cloned());
+            next.push(Arc::clone(outbox));
+            next
+        });
+        let ring = &state.ring;
+        let (skip, missed) = match replay {
+            Replay::Last(n) => (ring.len().saturating_sub(n), 0),
+            Replay::Since(after) => {
+                let oldest = ring.front().map_or(state.next_seq, |event| event.seq);
+                let first_wanted = after.saturating_add(1);
+                let skip = first_wanted.saturating_sub(oldest).min(ring.len() as u64);
+                (skip as usize, oldest.saturating_sub(first_wanted))
+            }
+        };
+        let events = ring.iter().skip(skip).cloned().collect();
+        Some(Backlog { events, missed })
+    }
+
+    fn unsubscribe(&self, outbox: &Arc<Outbox>) {
+        let _state = self.lock();
+        self.subscribers.rcu(|current| {
+            current
+                .iter()
+                .filter(|o| !Arc::ptr_eq(o, outbox))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// Marks the topic deleted (no publish or subscribe succeeds after this) and hands back
+    /// the subscribers it had.
+    fn close(&self) -> Vec<Arc<Outbox>> {
+        let mut state = self.lock();
+        self.deleted.store(true, Ordering::Release);
+        state.ring.clear();
+        let subscribers = self.subscribers.swap(Arc::new(Vec::new()));
+        drop(state);
+        subscribers.iter().cloned().collect()
+    }
+}
+
 /// A message's `id`: the client's (raw JSON, a string literal), or one the server assigns
 /// from the publishing connection and its count of unnamed messages.
+#[derive(Clone, Copy)]
 enum MessageId<'a> {
     Given(&'a str),
     Assigned(u64, u64),
@@ -764,155 +973,65 @@ pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
 /// One published event, serialized once; every subscriber queue holds the same `Arc`.
 pub(crate) struct Event {
     topic: Arc<TopicShared>,
+    seq: u64,
     /// The whole WebSocket frame from `start` on: header, then the `event` JSON from
     /// `HEADER_ROOM` on. Server frames are unmasked, so these bytes are the same for every
-    /// subscriber and a connection writes them as they are.
+    /// subscriber: a WebSocket writes them as they are, an SSE stream frames the JSON.
     wire: Vec<u8>,
     start: usize,
 }
 
 impl Event {
+    /// Encodes all of the event but `seq` and `ts`, outside the ordering lock. `id` and
+    /// `payload` are raw JSON, copied byte for byte.
+    fn draft(topic: &Arc<TopicShared>, name: &str, id: MessageId, payload: &str) -> Arc<Event> {
+        let id_len = match id {
+            MessageId::Given(raw) => raw.len(),
+            MessageId::Assigned(..) => 42,
+        };
+        let mut wire = Vec::with_capacity(HEADER_ROOM + 120 + name.len() + id_len + payload.len());
+        wire.extend_from_slice(&[0; HEADER_ROOM]);
+        Json::message(&mut wire, "event")
+            .str("topic", name)
+            .open("message")
+            .id("id", id)
+            .raw("payload", payload.as_bytes())
+            .close();
+        Arc::new(Event {
+            topic: Arc::clone(topic),
+            seq: 0,
+            wire,
+            start: 0,
+        })
+    }
+
+    /// Completes a draft at the ordering point: `seq`, `ts` and the frame header. The
+    /// capacity reserved by `draft` covers them, so nothing is allocated under the lock.
+    /// `None` only if the draft was already shared, which `publish` never does.
+    fn seal(event: &mut Arc<Event>, seq: u64, ts: Timestamp) -> Option<()> {
+        let fresh = Arc::get_mut(event)?;
+        fresh.seq = seq;
+        Json::resume(&mut fresh.wire).num("seq", seq).ts(ts).end();
+        let (header, len) = frame_header(OPCODE_TEXT, fresh.wire.len() - HEADER_ROOM);
+        fresh.start = HEADER_ROOM - len;
+        fresh.wire[fresh.start..HEADER_ROOM].copy_from_slice(&header[..len]);
+        Some(())
+    }
+
     fn frame(&self) -> &[u8] {
         &self.wire[self.start..]
     }
 
+    /// The event JSON of the contract.
     fn text(&self) -> &[u8] {
         &self.wire[HEADER_ROOM..]
     }
-}
 
-impl Topic {
-    fn new(name: &str, replay_size: usize) -> Topic {
-        Topic {
-            name: name.to_string(),
-            shared: Arc::new(TopicShared {
-                dropped: AtomicU64::new(0),
-            }),
-            subscribers: ArcSwap::from_pointee(Vec::new()),
-            state: Mutex::new(TopicState {
-                next_seq: 1,
-                ring: VecDeque::with_capacity(replay_size.min(1024)),
-                replay_size,
-            }),
-            deleted: AtomicBool::new(false),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, TopicState> {
-        // Nothing panics while holding the lock; if something ever did, the state is still
-        // consistent enough to keep serving.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn is_deleted(&self) -> bool {
-        self.deleted.load(Ordering::Acquire)
-    }
-
-    fn subscriber_count(&self) -> usize {
-        self.subscribers.load().len()
-    }
-
-    fn published(&self) -> u64 {
-        self.lock().next_seq - 1
-    }
-
-    /// Assigns the next `seq` and delivers the event; `None` if the topic was deleted.
-    /// `id` and `payload` are raw JSON, copied into the frame byte for byte.
-    fn publish(&self, id: MessageId, payload: &str) -> Option<(u64, Timestamp)> {
-        let ts = Timestamp::now();
-        let mut wire = Vec::with_capacity(160 + self.name.len() + payload.len());
-        wire.extend_from_slice(&[0; HEADER_ROOM]);
-        wire.extend_from_slice(br#"{"type":"event","topic":""#);
-        wire.extend_from_slice(self.name.as_bytes());
-        wire.extend_from_slice(br#"","message":{"id":"#);
-        match id {
-            MessageId::Given(raw) => wire.extend_from_slice(raw.as_bytes()),
-            MessageId::Assigned(connection, n) => {
-                wire.push(b'"');
-                push_u64(&mut wire, connection);
-                wire.push(b'-');
-                push_u64(&mut wire, n);
-                wire.push(b'"');
-            }
-        }
-        wire.extend_from_slice(br#","payload":"#);
-        wire.extend_from_slice(payload.as_bytes());
-        wire.extend_from_slice(br#"},"seq":"#);
-        // Allocated before the lock and finished under it; what the ring evicts is freed
-        // after it (declared first, dropped last): the critical section does no allocation.
-        let mut event = Arc::new(Event {
-            topic: Arc::clone(&self.shared),
-            wire,
-            start: 0,
-        });
-        let mut evicted = None;
-        let mut state = self.lock();
-        if self.is_deleted() {
-            return None;
-        }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        // Nothing else holds `event` until it is pushed below, so this always succeeds.
-        let fresh = Arc::get_mut(&mut event)?;
-        push_u64(&mut fresh.wire, seq);
-        fresh.wire.extend_from_slice(br#","ts":""#);
-        fresh.wire.extend_from_slice(ts.as_str().as_bytes());
-        fresh.wire.extend_from_slice(br#""}"#);
-        let (header, len) = frame_header(OPCODE_TEXT, fresh.wire.len() - HEADER_ROOM);
-        fresh.start = HEADER_ROOM - len;
-        fresh.wire[HEADER_ROOM - len..HEADER_ROOM].copy_from_slice(&header[..len]);
-        if state.replay_size > 0 {
-            if state.ring.len() == state.replay_size {
-                evicted = state.ring.pop_front();
-            }
-            state.ring.push_back(Arc::clone(&event));
-        }
-        for outbox in self.subscribers.load().iter() {
-            outbox.push(&event);
-        }
-        drop(state);
-        drop(evicted);
-        Some((seq, ts))
-    }
-
-    /// Registers `outbox` and returns the last `last_n` events, at the ordering point.
-    fn subscribe(&self, outbox: &Arc<Outbox>, last_n: usize) -> Option<Vec<Arc<Event>>> {
-        let state = self.lock();
-        if self.is_deleted() {
-            return None;
-        }
-        self.subscribers.rcu(|current| {
-            let mut next = Vec::with_capacity(current.len() + 1);
-            next.extend(current.iter().cloned());
-            next.push(Arc::clone(outbox));
-            next
-        });
-        let skip = state.ring.len().saturating_sub(last_n);
-        Some(state.ring.iter().skip(skip).cloned().collect())
-    }
-
-    fn unsubscribe(&self, outbox: &Arc<Outbox>) {
-        let _state = self.lock();
-        self.subscribers.rcu(|current| {
-            current
-                .iter()
-                .filter(|o| !Arc::ptr_eq(o, outbox))
-                .cloned()
-                .collect::<Vec<_>>()
-        });
-    }
-
-    /// Marks the topic deleted (no publish or subscribe succeeds after this) and hands back
-    /// the subscribers it had.
-    fn close(&self) -> Vec<Arc<Outbox>> {
-        let mut state = self.lock();
-        self.deleted.store(true, Ordering::Release);
-        state.ring.clear();
-        let subscribers = self.subscribers.swap(Arc::new(Vec::new()));
-        drop(state);
-        subscribers.iter().cloned().collect()
+    /// The replayed copy's JSON, in two parts: the live JSON up to its closing brace, then
+    /// `,"replay":true}`.
+    fn replay_parts(&self) -> (&[u8], &'static [u8]) {
+        let live = self.text();
+        (&live[..live.len() - 1], br#","replay":true}"#)
     }
 }
 
@@ -991,6 +1110,64 @@ impl Outbox {
         !self.queue.is_empty()
             || self.dropped.load(Ordering::Acquire) > 0
             || self.has_deleted.load(Ordering::Acquire)
+    }
+}
+
+/// The publishing side of one client (a WebSocket connection, or one REST request): the one
+/// way a message enters a topic, whichever transport carried it.
+struct Publisher {
+    /// The connection's id, the first half of the ids it assigns.
+    connection: u64,
+    /// Messages published without an `id`, for server-assigned ids.
+    unnamed: u64,
+    /// The topic of the last publish, so a publisher streaming to one topic skips the map.
+    last: Option<Arc<Topic>>,
+}
+
+/// A publish that was carried out.
+struct Published<'a> {
+    id: MessageId<'a>,
+    seq: u64,
+    ts: Timestamp,
+}
+
+impl Publisher {
+    fn new(connection: u64) -> Publisher {
+        Publisher {
+            connection,
+            unnamed: 0,
+            last: None,
+        }
+    }
+
+    /// `id` is raw JSON (a string literal) when the client gave one.
+    fn publish<'a>(
+        &mut self,
+        broker: &Broker,
+        name: &str,
+        id: Option<&'a str>,
+        payload: &str,
+    ) -> Result<Published<'a>, Reject> {
+        let cached = self
+            .last
+            .take()
+            .filter(|t| t.name == name && !t.is_deleted());
+        let topic = match cached {
+            Some(topic) => topic,
+            None => broker.find_topic(name)?,
+        };
+        let id = match id {
+            Some(raw) => MessageId::Given(raw),
+            None => {
+                self.unnamed += 1;
+                MessageId::Assigned(self.connection, self.unnamed)
+            }
+        };
+        let (seq, ts) = topic
+            .publish(id, payload)
+            .ok_or_else(|| topic_not_found(name))?;
+        self.last = Some(topic);
+        Ok(Published { id, seq, ts })
     }
 }
 
@@ -1195,22 +1372,51 @@ async fn read_head(
     }
 }
 
-/// A response about to be written: status, JSON body, extra headers.
+/// A response about to be written: status, body, extra headers.
 pub(crate) struct Response {
     status: u16,
-    body: String,
+    content_type: &'static str,
+    body: Cow<'static, [u8]>,
     headers: Vec<(&'static str, &'static str)>,
     close: bool,
 }
 
 impl Response {
-    fn new(status: u16, body: String) -> Response {
+    fn new(status: u16, content_type: &'static str, body: Cow<'static, [u8]>) -> Response {
         Response {
             status,
+            content_type,
             body,
             headers: Vec::new(),
             close: false,
         }
+    }
+
+    /// A JSON body built with `Json::object`.
+    fn json(status: u16, build: impl FnOnce(Json)) -> Response {
+        let mut body = Vec::with_capacity(128);
+        build(Json::object(&mut body));
+        Response::new(status, "application/json", Cow::Owned(body))
+    }
+
+    fn html(page: &'static str) -> Response {
+        let body = Cow::Borrowed(page.as_bytes());
+        Response::new(200, "text/html; charset=utf-8", body)
+    }
+
+    /// `{"error":{"code":…,"message":…}}`.
+    fn error(status: u16, code: &str, message: &str) -> Response {
+        Response::json(status, |json| json.error(code, message).end())
+    }
+
+    /// A refused request, with the status its code has in REST.
+    fn reject(e: Reject) -> Response {
+        let status = match e.code {
+            "TOPIC_NOT_FOUND" => 404,
+            "LIMIT_EXCEEDED" => 429,
+            _ => 400,
+        };
+        Response::error(status, e.code, &e.message)
     }
 
     fn header(mut self, name: &'static str, value: &'static str) -> Response {
@@ -1225,20 +1431,16 @@ impl Response {
 
     fn from_http_error(e: HttpError) -> Response {
         let response = match e {
-            HttpError::BadRequest(why) => Response::new(400, error_body("BAD_REQUEST", why)),
-            HttpError::HeadTooLarge => Response::new(
+            HttpError::BadRequest(why) => Response::error(400, "BAD_REQUEST", why),
+            HttpError::HeadTooLarge => Response::error(
                 431,
-                error_body(
-                    "HEADERS_TOO_LARGE",
-                    "request head over 8 KiB or 100 header lines",
-                ),
+                "HEADERS_TOO_LARGE",
+                "request head over 8 KiB or 100 header lines",
             ),
-            HttpError::NotImplemented => Response::new(
+            HttpError::NotImplemented => Response::error(
                 501,
-                error_body(
-                    "BAD_REQUEST",
-                    "Transfer-Encoding is not supported; send Content-Length",
-                ),
+                "BAD_REQUEST",
+                "Transfer-Encoding is not supported; send Content-Length",
             ),
         };
         response.closing()
@@ -1246,9 +1448,10 @@ impl Response {
 
     async fn write(&self, stream: &mut TcpStream) -> std::io::Result<()> {
         let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
             reason(self.status),
+            self.content_type,
             self.body.len()
         );
         for (name, value) in &self.headers {
@@ -1259,8 +1462,9 @@ impl Response {
         } else {
             "\r\n"
         });
-        head.push_str(&self.body);
-        stream.write_all(head.as_bytes()).await?;
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        stream.write_all(&bytes).await?;
         stream.flush().await
     }
 
@@ -1318,43 +1522,95 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn error_body(code: &str, message: &str) -> String {
-    format!(
-        r#"{{"error":{{"code":"{code}","message":{}}}}}"#,
-        json_string(message)
-    )
-}
-
 // ---- REST handlers ----
 
-fn rest(broker: &Broker, request: &Request, body: &[u8]) -> Response {
+/// The console page, served at `/`.
+const CONSOLE: &str = include_str!("console.html");
+
+/// Every path the server answers, read from the whole path: a topic name is one segment (it
+/// cannot contain `/`), so `/topics/a/b/c` is no route at all (404), not a topic (405).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route<'a> {
+    Console,
+    Ws,
+    Topics,
+    Topic(&'a str),
+    Messages(&'a str),
+    Events(&'a str),
+    Health,
+    Stats,
+}
+
+impl Route<'_> {
+    pub(crate) fn parse(path: &str) -> Option<Route<'_>> {
+        Some(match path {
+            "/" => Route::Console,
+            "/ws" => Route::Ws,
+            "/topics" => Route::Topics,
+            "/health" => Route::Health,
+            "/stats" => Route::Stats,
+            _ => {
+                let rest = path.strip_prefix("/topics/")?;
+                match rest.split_once('/') {
+                    None => Route::Topic(rest),
+                    Some((name, "messages")) => Route::Messages(name),
+                    Some((name, "events")) => Route::Events(name),
+                    Some(_) => return None,
+                }
+            }
+        })
+    }
+
+    /// The methods the route answers, for 405's `Allow`.
+    fn allow(self) -> &'static str {
+        match self {
+            Route::Topics => "GET, POST",
+            Route::Topic(_) => "DELETE",
+            Route::Messages(_) => "POST",
+            _ => "GET",
+        }
+    }
+}
+
+/// What a REST request turns into: a response, or (`GET /topics/{name}/events`) a stream.
+enum Answer {
+    Respond(Response),
+    Stream(String, Replay),
+}
+
+impl From<Response> for Answer {
+    fn from(response: Response) -> Answer {
+        Answer::Respond(response)
+    }
+}
+
+fn rest(broker: &Broker, request: &Request, body: &[u8]) -> Answer {
     let method = request.method.as_str();
     let path = request.path.as_str();
-    let allow = |allowed: &'static str| {
-        let message = format!("{method} is not allowed on {path}");
-        Response::new(405, error_body("METHOD_NOT_ALLOWED", &message)).header("Allow", allowed)
+    let Some(route) = Route::parse(path) else {
+        return Response::error(404, "NOT_FOUND", &format!("no route {path}")).into();
     };
-    match path {
-        "/topics" => match method {
-            "GET" => list_topics(broker),
-            "POST" => create_topic(broker, body),
-            _ => allow("GET, POST"),
+    let response = match (route, method) {
+        (Route::Console, "GET") => Response::html(CONSOLE),
+        (Route::Ws, "GET") => {
+            Response::error(400, "BAD_REQUEST", "/ws expects a WebSocket upgrade")
+        }
+        (Route::Topics, "GET") => list_topics(broker),
+        (Route::Topics, "POST") => create_topic(broker, body),
+        (Route::Topic(name), "DELETE") => delete_topic(broker, name),
+        (Route::Messages(name), "POST") => publish_message(broker, name, body),
+        (Route::Events(name), "GET") => match events_request(request, name) {
+            Ok(replay) => return Answer::Stream(name.to_string(), replay),
+            Err(response) => response,
         },
-        "/health" if method == "GET" => health(broker),
-        "/health" => allow("GET"),
-        "/stats" if method == "GET" => stats(broker),
-        "/stats" => allow("GET"),
-        "/ws" if method == "GET" => Response::new(
-            400,
-            error_body("BAD_REQUEST", "/ws expects a WebSocket upgrade"),
-        ),
-        "/ws" => allow("GET"),
-        _ => match path.strip_prefix("/topics/") {
-            Some(name) if method == "DELETE" => delete_topic(broker, name),
-            Some(_) => allow("DELETE"),
-            None => Response::new(404, error_body("NOT_FOUND", &format!("no route {path}"))),
-        },
-    }
+        (Route::Health, "GET") => health(broker),
+        (Route::Stats, "GET") => stats(broker),
+        (route, _) => {
+            let message = format!("{method} is not allowed on {path}");
+            Response::error(405, "METHOD_NOT_ALLOWED", &message).header("Allow", route.allow())
+        }
+    };
+    response.into()
 }
 
 fn create_topic(broker: &Broker, body: &[u8]) -> Response {
@@ -1373,18 +1629,14 @@ fn create_topic(broker: &Broker, body: &[u8]) -> Response {
         return bad_request(&why);
     }
     match broker.create_topic(&name) {
-        Ok(()) => Response::new(201, format!(r#"{{"status":"created","topic":"{name}"}}"#)),
-        Err("TOPIC_EXISTS") => Response::new(
-            409,
-            error_body("TOPIC_EXISTS", &format!("topic '{name}' already exists")),
-        ),
-        Err(_) => Response::new(
-            429,
-            error_body(
-                "LIMIT_EXCEEDED",
-                &format!("at most {} topics", broker.config.max_topics),
-            ),
-        ),
+        Ok(_) => Response::json(201, |json| {
+            json.str("status", "created").str("topic", &name).end()
+        }),
+        Err(Created::Exists(_)) => {
+            let message = format!("topic '{name}' already exists");
+            Response::error(409, "TOPIC_EXISTS", &message)
+        }
+        Err(Created::Full) => Response::reject(too_many_topics(broker.config.max_topics)),
     }
 }
 
@@ -1393,19 +1645,67 @@ fn delete_topic(broker: &Broker, name: &str) -> Response {
         return bad_request(&why);
     }
     if broker.delete_topic(name) {
-        Response::new(200, format!(r#"{{"status":"deleted","topic":"{name}"}}"#))
+        Response::json(200, |json| {
+            json.str("status", "deleted").str("topic", name).end()
+        })
     } else {
-        topic_not_found_response(name)
+        Response::reject(topic_not_found(name))
     }
 }
 
-fn topic_not_found_response(name: &str) -> Response {
-    let message = format!("topic '{name}' does not exist");
-    Response::new(404, error_body("TOPIC_NOT_FOUND", &message))
+/// `POST /topics/{name}/messages`: the body is the `message` object of a WebSocket publish,
+/// and the event is the same, byte for byte.
+fn publish_message(broker: &Broker, name: &str, body: &[u8]) -> Response {
+    if let Err(why) = check_topic_name(name) {
+        return bad_request(&why);
+    }
+    let decoded = std::str::from_utf8(body)
+        .map_err(|_| reject("BAD_REQUEST", "the body is not UTF-8"))
+        .and_then(decode_message);
+    let (id, payload) = match decoded {
+        Ok(message) => message,
+        Err(e) => return Response::reject(e),
+    };
+    let connection = broker.next_id.fetch_add(1, Ordering::Relaxed);
+    match Publisher::new(connection).publish(broker, name, id, payload) {
+        Ok(published) => Response::json(201, |json| {
+            json.str("status", "ok")
+                .str("topic", name)
+                .id("id", published.id)
+                .num("seq", published.seq)
+                .ts(published.ts)
+                .end()
+        }),
+        Err(e) => Response::reject(e),
+    }
+}
+
+/// The replay an SSE subscriber asks for: `?last_n=N`, `?since_seq=N`, or `Last-Event-ID: N`.
+/// The header wins over the query: an `EventSource` reconnects to the same URL (with its
+/// `last_n`) and adds the header, and it is the header that says where the stream broke off.
+fn events_request(request: &Request, name: &str) -> Result<Replay, Response> {
+    check_topic_name(name).map_err(|why| bad_request(&why))?;
+    let number_in = |what: &str, value: &str| {
+        number(value.trim(), 0, u64::MAX)
+            .map_err(|why| bad_request(&format!("{what}: {why}")))
+            .map(Some)
+    };
+    if let Some(id) = request.header("last-event-id").filter(|id| !id.is_empty()) {
+        return Ok(Replay::Since(number_in("Last-Event-ID", id)?.unwrap_or(0)));
+    }
+    let query = request.query.as_deref();
+    let param = |key: &str| {
+        query?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+    };
+    let last_n = param("last_n").map_or(Ok(None), |v| number_in("last_n", v))?;
+    let since_seq = param("since_seq").map_or(Ok(None), |v| number_in("since_seq", v))?;
+    replay_from(last_n, since_seq).map_err(Response::reject)
 }
 
 fn bad_request(message: &str) -> Response {
-    Response::new(400, error_body("BAD_REQUEST", message))
+    Response::error(400, "BAD_REQUEST", message)
 }
 
 fn sorted_topics(broker: &Broker) -> Vec<Arc<Topic>> {
@@ -1419,17 +1719,17 @@ fn sorted_topics(broker: &Broker) -> Vec<Arc<Topic>> {
 }
 
 fn list_topics(broker: &Broker) -> Response {
-    let items: Vec<String> = sorted_topics(broker)
-        .iter()
-        .map(|t| {
-            format!(
-                r#"{{"name":"{}","subscribers":{}}}"#,
-                t.name,
-                t.subscriber_count()
-            )
-        })
-        .collect();
-    Response::new(200, format!(r#"{{"topics":[{}]}}"#, items.join(",")))
+    Response::json(200, |json| {
+        let mut list = json.open_list("topics");
+        for topic in sorted_topics(broker) {
+            list = list
+                .item()
+                .str("name", &topic.name)
+                .num("subscribers", topic.subscriber_count() as u64)
+                .close();
+        }
+        list.close_list().end()
+    })
 }
 
 fn health(broker: &Broker) -> Response {
@@ -1438,32 +1738,32 @@ fn health(broker: &Broker) -> Response {
         .iter()
         .map(|e| e.value().subscriber_count())
         .sum();
-    Response::new(
-        200,
-        format!(
-            r#"{{"status":"ok","uptime_sec":{},"topics":{},"subscribers":{},"connections":{}}}"#,
-            broker.started.elapsed().as_secs(),
-            broker.topic_count.load(Ordering::Acquire),
-            subscribers,
-            broker.sessions.load(Ordering::Acquire),
-        ),
-    )
+    Response::json(200, |json| {
+        json.str("status", "ok")
+            .num("uptime_sec", broker.started.elapsed().as_secs())
+            .num("topics", broker.topic_count.load(Ordering::Acquire) as u64)
+            .num("subscribers", subscribers as u64)
+            .num(
+                "connections",
+                broker.sessions.load(Ordering::Acquire) as u64,
+            )
+            .end()
+    })
 }
 
 fn stats(broker: &Broker) -> Response {
-    let items: Vec<String> = sorted_topics(broker)
-        .iter()
-        .map(|t| {
-            format!(
-                r#""{}":{{"messages":{},"subscribers":{},"dropped":{}}}"#,
-                t.name,
-                t.published(),
-                t.subscriber_count(),
-                t.shared.dropped.load(Ordering::Acquire)
-            )
-        })
-        .collect();
-    Response::new(200, format!(r#"{{"topics":{{{}}}}}"#, items.join(",")))
+    Response::json(200, |json| {
+        let mut topics = json.open("topics");
+        for topic in sorted_topics(broker) {
+            topics = topics
+                .open(&topic.name)
+                .num("messages", topic.published())
+                .num("subscribers", topic.subscriber_count() as u64)
+                .num("dropped", topic.shared.dropped.load(Ordering::Acquire))
+                .close();
+        }
+        topics.close().end()
+    })
 }
 
 pub(crate) fn check_topic_name(name: &str) -> Result<(), String> {
@@ -1495,6 +1795,8 @@ struct Envelope<'a> {
     topic: Option<&'a RawValue>,
     #[serde(borrow, default)]
     last_n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since_seq: Option<&'a RawValue>,
     #[serde(borrow, default)]
     message: Option<MessageField<'a>>,
 }
@@ -1564,7 +1866,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 pub(crate) enum ClientRequest<'a> {
     Subscribe {
         topic: Cow<'a, str>,
-        last_n: usize,
+        replay: Replay,
     },
     Unsubscribe {
         topic: Cow<'a, str>,
@@ -1592,14 +1894,21 @@ fn reject(code: &'static str, message: impl Into<String>) -> Reject {
     }
 }
 
+/// Valid JSON nested deeper than the limit needs an opening and a closing bracket per
+/// level, so shorter texts (most of them) skip the scan; invalid ones fail in serde.
+fn check_depth(text: &str) -> Result<(), Reject> {
+    if text.len() >= 2 * (MAX_JSON_DEPTH + 1) && json_depth_exceeds(text, MAX_JSON_DEPTH) {
+        let message = format!("JSON nested deeper than {MAX_JSON_DEPTH} levels");
+        return Err(reject("BAD_REQUEST", message));
+    }
+    Ok(())
+}
+
 /// Decodes one text frame. Returns the `request_id` (raw JSON, echoed verbatim) whenever the
 /// frame was a JSON object, whatever else was wrong with it.
 pub(crate) fn decode(text: &str) -> (Option<&RawValue>, Result<ClientRequest<'_>, Reject>) {
-    // Valid JSON nested deeper than the limit needs an opening and a closing bracket per
-    // level, so shorter messages (most of them) skip the scan; invalid ones fail in serde.
-    if text.len() >= 2 * (MAX_JSON_DEPTH + 1) && json_depth_exceeds(text, MAX_JSON_DEPTH) {
-        let message = format!("JSON nested deeper than {MAX_JSON_DEPTH} levels");
-        return (None, Err(reject("BAD_REQUEST", message)));
+    if let Err(e) = check_depth(text) {
+        return (None, Err(e));
     }
     let envelope: Envelope = match serde_json::from_str(text) {
         Ok(envelope) => envelope,
@@ -1627,50 +1936,30 @@ fn decode_request(envelope: Envelope<'_>) -> Result<ClientRequest<'_>, Reject> {
     };
     match &*kind {
         "subscribe" => {
-            let last_n = match envelope.last_n {
-                None => 0,
-                Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
-                    Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
-                    Err(_) => {
-                        let message = "\"last_n\" must be an integer >= 0";
-                        return Err(reject("BAD_REQUEST", message));
-                    }
-                },
+            let count = |raw: Option<&RawValue>, name: &str| match raw {
+                None => Ok(None),
+                Some(raw) => serde_json::from_str::<u64>(raw.get())
+                    .map(Some)
+                    .map_err(|_| {
+                        reject("BAD_REQUEST", format!("\"{name}\" must be an integer >= 0"))
+                    }),
             };
+            let last_n = count(envelope.last_n, "last_n")?;
+            let since_seq = count(envelope.since_seq, "since_seq")?;
             Ok(ClientRequest::Subscribe {
                 topic: topic()?,
-                last_n,
+                replay: replay_from(last_n, since_seq)?,
             })
         }
         "unsubscribe" => Ok(ClientRequest::Unsubscribe { topic: topic()? }),
         "publish" => {
             let topic = topic()?;
-            let bad_message = || {
-                let message = "\"message\" must be an object {\"id\"?: string, \"payload\": any}";
-                reject("BAD_REQUEST", message)
-            };
             let Some(MessageField::Object(message)) = envelope.message else {
-                return Err(bad_message());
+                let why = "\"message\" must be an object {\"id\"?: string, \"payload\": any}";
+                return Err(reject("BAD_REQUEST", why));
             };
-            let payload = message
-                .payload
-                .ok_or_else(|| reject("BAD_REQUEST", "\"message.payload\" is required"))?;
-            let id = match message.id {
-                None => None,
-                Some(raw) => match as_str(raw) {
-                    Some(id) if id.len() <= MAX_ID_LEN => Some(raw.get()),
-                    Some(_) => {
-                        let why = format!("\"message.id\" is longer than {MAX_ID_LEN} bytes");
-                        return Err(reject("BAD_REQUEST", why));
-                    }
-                    None => return Err(reject("BAD_REQUEST", "\"message.id\" must be a string")),
-                },
-            };
-            Ok(ClientRequest::Publish {
-                topic,
-                id,
-                payload: payload.get(),
-            })
+            let (id, payload) = message.validate()?;
+            Ok(ClientRequest::Publish { topic, id, payload })
         }
         "ping" => Ok(ClientRequest::Ping),
         other => {
@@ -1679,6 +1968,50 @@ fn decode_request(envelope: Envelope<'_>) -> Result<ClientRequest<'_>, Reject> {
             Err(reject("BAD_REQUEST", message))
         }
     }
+}
+
+/// `last_n` and `since_seq` of a subscribe (WebSocket or SSE): at most one of them.
+fn replay_from(last_n: Option<u64>, since_seq: Option<u64>) -> Result<Replay, Reject> {
+    match (last_n, since_seq) {
+        (Some(_), Some(_)) => Err(reject(
+            "BAD_REQUEST",
+            "give \"last_n\" or \"since_seq\", not both",
+        )),
+        (Some(n), None) => Ok(Replay::Last(usize::try_from(n).unwrap_or(usize::MAX))),
+        (None, Some(seq)) => Ok(Replay::Since(seq)),
+        (None, None) => Ok(Replay::Last(0)),
+    }
+}
+
+impl<'a> PublishedMessage<'a> {
+    /// The raw `id` (a JSON string literal, if given) and `payload`, checked.
+    fn validate(self) -> Result<(Option<&'a str>, &'a str), Reject> {
+        let payload = self
+            .payload
+            .ok_or_else(|| reject("BAD_REQUEST", "\"message.payload\" is required"))?;
+        let id = match self.id {
+            None => None,
+            Some(raw) => match as_str(raw) {
+                Some(id) if id.len() <= MAX_ID_LEN => Some(raw.get()),
+                Some(_) => {
+                    let why = format!("\"message.id\" is longer than {MAX_ID_LEN} bytes");
+                    return Err(reject("BAD_REQUEST", why));
+                }
+                None => return Err(reject("BAD_REQUEST", "\"message.id\" must be a string")),
+            },
+        };
+        Ok((id, payload.get()))
+    }
+}
+
+/// The body of a REST publish: the `message` object of a WebSocket publish, on its own.
+fn decode_message(text: &str) -> Result<(Option<&str>, &str), Reject> {
+    check_depth(text)?;
+    let message: PublishedMessage = serde_json::from_str(text).map_err(|e| {
+        let why = format!("body must be {{\"id\"?: string, \"payload\": any}}: {e}");
+        reject("BAD_REQUEST", why)
+    })?;
+    message.validate()
 }
 
 /// The string a raw JSON value holds, borrowed when it has no escapes.
@@ -1730,51 +2063,143 @@ pub(crate) fn json_depth_exceeds(text: &str, limit: usize) -> bool {
 
 // ---- server messages ----
 
-/// Builds one server message: `{"type":…, fields…, "ts":…}`. Keys and raw values are written
-/// as given; strings are escaped.
-struct Frame(String);
+/// Builds one JSON object into a byte buffer, member by member: the one way this server
+/// writes JSON — events, replies, notices and REST bodies alike. Keys are literals (or topic
+/// names, which need no escaping) and raw values are JSON the client sent, written byte for
+/// byte; strings are escaped. A comma goes before every member but the first of its object,
+/// which is the one that follows `{` or `[`.
+pub(crate) struct Json<'a>(&'a mut Vec<u8>);
 
-impl Frame {
-    fn new(kind: &str) -> Frame {
-        let mut text = String::with_capacity(128);
-        text.push_str(r#"{"type":""#);
-        text.push_str(kind);
-        text.push('"');
-        Frame(text)
+impl<'a> Json<'a> {
+    /// `{` — a plain object (REST bodies).
+    fn object(buf: &'a mut Vec<u8>) -> Json<'a> {
+        buf.push(b'{');
+        Json(buf)
     }
 
-    fn raw(mut self, key: &str, json: &str) -> Frame {
-        let _ = write!(self.0, r#","{key}":{json}"#);
+    /// `{"type":"<kind>"` — a server message.
+    fn message(buf: &'a mut Vec<u8>, kind: &str) -> Json<'a> {
+        Json::object(buf).str("type", kind)
+    }
+
+    /// Goes on with an object left open in `buf`.
+    fn resume(buf: &'a mut Vec<u8>) -> Json<'a> {
+        Json(buf)
+    }
+
+    fn comma(&mut self) {
+        if !matches!(self.0.last(), Some(b'{' | b'[')) {
+            self.0.push(b',');
+        }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.comma();
+        self.0.push(b'"');
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn raw(mut self, key: &str, json: &[u8]) -> Self {
+        self.key(key);
+        self.0.extend_from_slice(json);
         self
     }
 
-    fn request_id(self, id: Option<&RawValue>) -> Frame {
+    fn str(mut self, key: &str, value: &str) -> Self {
+        self.key(key);
+        let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        if plain {
+            self.0.push(b'"');
+            self.0.extend_from_slice(value.as_bytes());
+            self.0.push(b'"');
+        } else {
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *self.0, value);
+        }
+        self
+    }
+
+    fn num(mut self, key: &str, value: u64) -> Self {
+        self.key(key);
+        push_u64(self.0, value);
+        self
+    }
+
+    fn ts(mut self, ts: Timestamp) -> Self {
+        self.key("ts");
+        self.0.push(b'"');
+        self.0.extend_from_slice(&ts.text);
+        self.0.push(b'"');
+        self
+    }
+
+    /// The `request_id` of a reply, echoed verbatim, when the request had one.
+    fn request_id(self, id: Option<&RawValue>) -> Self {
         match id {
-            Some(id) => self.raw("request_id", id.get()),
+            Some(id) => self.raw("request_id", id.get().as_bytes()),
             None => self,
         }
     }
 
-    fn string(self, key: &str, value: &str) -> Frame {
-        self.raw(key, &json_string(value))
+    /// A message id: the client's string as it sent it, or a server-assigned
+    /// `"<connection>-<n>"`.
+    fn id(mut self, key: &str, id: MessageId) -> Self {
+        self.key(key);
+        match id {
+            MessageId::Given(raw) => self.0.extend_from_slice(raw.as_bytes()),
+            MessageId::Assigned(connection, n) => {
+                self.0.push(b'"');
+                push_u64(self.0, connection);
+                self.0.push(b'-');
+                push_u64(self.0, n);
+                self.0.push(b'"');
+            }
+        }
+        self
     }
 
-    fn number(self, key: &str, value: u64) -> Frame {
-        self.raw(key, &value.to_string())
+    /// `"error":{"code":…,"message":…}`, in WebSocket replies and REST bodies alike.
+    fn error(self, code: &str, message: &str) -> Self {
+        self.open("error")
+            .str("code", code)
+            .str("message", message)
+            .close()
     }
 
-    fn error(self, code: &str, message: &str) -> Frame {
-        let json = format!(r#"{{"code":"{code}","message":{}}}"#, json_string(message));
-        self.raw("error", &json)
+    /// Opens a nested object under `key`; `close` ends it.
+    fn open(mut self, key: &str) -> Self {
+        self.key(key);
+        self.0.push(b'{');
+        self
     }
 
-    fn finish(self) -> String {
-        self.finish_at(Timestamp::now().as_str())
+    /// Opens an array under `key`; `item` opens each element object, `close_list` ends it.
+    fn open_list(mut self, key: &str) -> Self {
+        self.key(key);
+        self.0.push(b'[');
+        self
     }
 
-    fn finish_at(mut self, ts: &str) -> String {
-        let _ = write!(self.0, r#","ts":"{ts}"}}"#);
-        self.0
+    fn item(mut self) -> Self {
+        self.comma();
+        self.0.push(b'{');
+        self
+    }
+
+    fn close(self) -> Self {
+        self.0.push(b'}');
+        self
+    }
+
+    fn close_list(self) -> Self {
+        self.0.push(b']');
+        self
+    }
+
+    /// Closes the outermost object.
+    fn end(self) {
+        self.0.push(b'}');
     }
 }
 
@@ -1802,47 +2227,36 @@ fn frame_header(opcode: u8, len: usize) -> ([u8; HEADER_ROOM], usize) {
     }
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// The replayed copy of an event: the same JSON with `"replay":true` before its closing brace.
-fn replay_text(event: &Event) -> Vec<u8> {
-    let live = event.text();
-    let body = live.strip_suffix(b"}").unwrap_or(live);
-    let mut text = Vec::with_capacity(body.len() + 16);
-    text.extend_from_slice(body);
-    text.extend_from_slice(br#","replay":true}"#);
-    text
-}
-
 pub(crate) fn now_rfc3339() -> String {
     Timestamp::now().as_str().to_string()
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T10:00:00.123Z`: 24 ASCII bytes, kept on
 /// the stack. Each thread remembers the last one it formatted, so a busy publish path formats
-/// once per millisecond rather than once per message.
-#[derive(Clone, Copy)]
-pub(crate) struct Timestamp([u8; 24]);
+/// once per millisecond rather than once per message. Ordered by time.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Timestamp {
+    millis: u64,
+    text: [u8; 24],
+}
 
 impl Timestamp {
     pub(crate) fn now() -> Timestamp {
         thread_local! {
-            static LAST: std::cell::Cell<(u64, [u8; 24])> =
-                const { std::cell::Cell::new((u64::MAX, [0; 24])) };
+            static LAST: std::cell::Cell<Timestamp> =
+                const { std::cell::Cell::new(Timestamp { millis: u64::MAX, text: [0; 24] }) };
         }
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let millis = since_epoch.as_millis() as u64;
         LAST.with(|last| {
-            let (cached_millis, bytes) = last.get();
-            if cached_millis == millis {
-                return Timestamp(bytes);
+            let cached = last.get();
+            if cached.millis == millis {
+                return cached;
             }
             let stamp = Timestamp::format(millis);
-            last.set((millis, stamp.0));
+            last.set(stamp);
             stamp
         })
     }
@@ -1861,11 +2275,14 @@ impl Timestamp {
         let mut bytes = [b'0'; 24];
         let n = text.len().min(24);
         bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
-        Timestamp(bytes)
+        Timestamp {
+            millis,
+            text: bytes,
+        }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000Z")
+        std::str::from_utf8(&self.text).unwrap_or("1970-01-01T00:00:00.000Z")
     }
 }
 
@@ -1881,6 +2298,274 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+// ---- one connection's subscriptions ----
+
+/// Output is written in chunks of about this size, so a long drain or replay never holds
+/// more than this (plus one frame) in the connection's buffer.
+const OUT_CHUNK: usize = 64 * 1024;
+
+/// How long one write may wait for the socket before the peer is given up on: two heartbeat
+/// intervals, or `WRITE_STALL_LIMIT` with heartbeats off.
+fn write_deadline(config: &Config) -> Duration {
+    match config.heartbeat {
+        beat if beat.is_zero() => WRITE_STALL_LIMIT,
+        beat => beat * 2,
+    }
+}
+
+/// How a connection frames what its subscriptions deliver — WebSocket frames or SSE records,
+/// around the same event JSON — and writes it. Framing only appends to the writer's buffer;
+/// `write_out` sends the buffer, within the connection's write deadline.
+trait Writer {
+    fn event(&mut self, event: &Event);
+    fn replayed(&mut self, event: &Event);
+    /// The `SLOW_CONSUMER` notice: `count` events were dropped since the last one.
+    fn dropped(&mut self, count: u64);
+    fn topic_deleted(&mut self, topic: &str);
+    fn buffered(&self) -> usize;
+    async fn write_out(&mut self) -> std::io::Result<()>;
+
+    /// Writes the buffer once it holds a chunk's worth. Boxed: it is reached from deep inside
+    /// the request handlers, whose futures would otherwise each carry a copy of its state in
+    /// every connection's task, for a write that happens only once per 64 KiB.
+    async fn write_if_full(&mut self) -> std::io::Result<()> {
+        if self.buffered() >= OUT_CHUNK {
+            Box::pin(self.write_out()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The subscriptions one connection holds, and the draining of its outbox into its writer.
+/// Transport-neutral: a WebSocket session and an SSE stream each own one, so both have the
+/// same queue, drop-oldest policy, limits, counts and order. Dropping it ends every
+/// subscription, on every exit path (close, error, abort, shutdown).
+struct Subscriptions {
+    broker: Arc<Broker>,
+    /// The connection's id, for logs and server-assigned message ids.
+    id: u64,
+    outbox: Arc<Outbox>,
+    /// Topic name → the topic subscribed to (the `Arc` identifies the incarnation: a topic
+    /// deleted and re-created is another one).
+    topics: HashMap<String, Arc<Topic>>,
+}
+
+/// A subscription made: the topic, and its replay (empty if it was already subscribed).
+struct Joined {
+    topic: Arc<Topic>,
+    backlog: Backlog,
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        for topic in self.topics.values() {
+            topic.unsubscribe(&self.outbox);
+        }
+        self.broker.sessions.fetch_sub(1, Ordering::AcqRel);
+        log!(self.broker, Level::Debug, "connection {} closed", self.id);
+    }
+}
+
+impl Subscriptions {
+    fn new(broker: Arc<Broker>) -> Subscriptions {
+        broker.sessions.fetch_add(1, Ordering::AcqRel);
+        let id = broker.next_id.fetch_add(1, Ordering::Relaxed);
+        log!(broker, Level::Debug, "connection {id} opened");
+        Subscriptions {
+            outbox: Arc::new(Outbox::new(broker.config.queue_size)),
+            broker,
+            id,
+            topics: HashMap::new(),
+        }
+    }
+
+    /// Moves up to `DRAIN_BATCH` queued events to the writer, then any drop notice and
+    /// topic-deleted notices. The connection writes the buffer when nothing else is ready.
+    async fn drain(&mut self, w: &mut impl Writer) -> std::io::Result<()> {
+        for _ in 0..DRAIN_BATCH {
+            let Some(event) = self.outbox.queue.pop() else {
+                break;
+            };
+            w.event(&event);
+            w.write_if_full().await?;
+        }
+        let dropped = self.outbox.dropped.swap(0, Ordering::AcqRel);
+        if dropped > 0 {
+            w.dropped(dropped);
+        }
+        let deleted = self.outbox.take_deleted();
+        if !deleted.is_empty() {
+            // Events of the deleted topics queued before the deletion go out first.
+            self.move_queue(w, None).await?;
+            for shared in deleted {
+                let name = self
+                    .topics
+                    .iter()
+                    .find(|(_, t)| Arc::ptr_eq(&t.shared, &shared))
+                    .map(|(name, _)| name.clone());
+                if let Some(name) = name {
+                    self.topics.remove(&name);
+                    w.topic_deleted(&name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the queued events to the writer, leaving out those of `skip` (a topic just
+    /// unsubscribed or deleted). Bounded by the queue's capacity: no event of a topic that was
+    /// just left or deleted can arrive any more, so all of its events are within one
+    /// queue-length of pops, and a flood on other topics cannot keep this loop going.
+    async fn move_queue(
+        &mut self,
+        w: &mut impl Writer,
+        skip: Option<&Arc<TopicShared>>,
+    ) -> std::io::Result<()> {
+        for _ in 0..self.outbox.queue.capacity() {
+            let Some(event) = self.outbox.queue.pop() else {
+                break;
+            };
+            if !skip.is_some_and(|topic| Arc::ptr_eq(&event.topic, topic)) {
+                w.event(&event);
+                w.write_if_full().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes at the topic's ordering point. The caller writes the acknowledgement, then
+    /// `replay`s the backlog; live events follow through the outbox.
+    async fn subscribe(
+        &mut self,
+        w: &mut impl Writer,
+        name: &str,
+        replay: Replay,
+    ) -> std::io::Result<Result<Joined, Reject>> {
+        // A pending deletion notice must go out before this subscription can be judged.
+        self.drain(w).await?;
+        if let Some(current) = self.topics.get(name) {
+            if !current.is_deleted() {
+                let topic = Arc::clone(current);
+                let backlog = Backlog {
+                    events: Vec::new(),
+                    missed: 0,
+                };
+                return Ok(Ok(Joined { topic, backlog }));
+            }
+            // Deleted, but its notice has not reached this outbox yet (the deleter is between
+            // marking the topic and telling its subscribers): end it here, notice included,
+            // so the client never sees the new topic's events continue the old one's.
+            let shared = Arc::clone(&current.shared);
+            self.topics.remove(name);
+            self.move_queue(w, Some(&shared)).await?;
+            w.topic_deleted(name);
+        }
+        let max = self.broker.config.max_subscriptions;
+        if self.topics.len() >= max {
+            let message = format!("at most {max} subscriptions per connection");
+            return Ok(Err(reject("LIMIT_EXCEEDED", message)));
+        }
+        let topic = match self.broker.find_topic(name) {
+            Ok(topic) => topic,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(backlog) = topic.subscribe(&self.outbox, replay) else {
+            return Ok(Err(topic_not_found(name)));
+        };
+        self.topics.insert(name.to_string(), Arc::clone(&topic));
+        Ok(Ok(Joined { topic, backlog }))
+    }
+
+    async fn replay(w: &mut impl Writer, events: &[Arc<Event>]) -> std::io::Result<()> {
+        for event in events {
+            w.replayed(event);
+            w.write_if_full().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a subscription; nothing of the topic reaches the writer after this returns.
+    async fn unsubscribe(
+        &mut self,
+        w: &mut impl Writer,
+        name: &str,
+    ) -> std::io::Result<Result<(), Reject>> {
+        if let Some(topic) = self.topics.remove(name) {
+            topic.unsubscribe(&self.outbox);
+            self.move_queue(w, Some(&topic.shared)).await?;
+        } else if self.broker.topic(name).is_none() {
+            return Ok(Err(topic_not_found(name)));
+        }
+        Ok(Ok(()))
+    }
+}
+
+// ---- the heartbeat ----
+
+/// A connection's heartbeat. It ticks at half the interval: a ping goes out on every other
+/// tick, and a peer that must answer (a WebSocket client, which answers Pings with Pongs)
+/// and was silent for four ticks in a row (two intervals) is dead — found between 2 and 2.5
+/// intervals after the last thing it sent. With a zero interval it never ticks.
+struct Heartbeat {
+    ticker: Option<tokio::time::Interval>,
+    /// Whether silence means death: an SSE client sends nothing after its request.
+    listens: bool,
+    ping_due: bool,
+    heard: bool,
+    silent_ticks: u32,
+}
+
+enum Beat {
+    Ping,
+    Quiet,
+    Dead,
+}
+
+impl Heartbeat {
+    fn new(interval: Duration, listens: bool) -> Heartbeat {
+        let ticker = (!interval.is_zero()).then(|| {
+            let half = (interval / 2).max(Duration::from_millis(1));
+            let mut ticker = tokio::time::interval_at(Instant::now() + half, half);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker
+        });
+        Heartbeat {
+            ticker,
+            listens,
+            ping_due: false,
+            heard: false,
+            silent_ticks: 0,
+        }
+    }
+
+    /// The peer sent something.
+    fn heard(&mut self) {
+        self.heard = true;
+    }
+
+    /// Cancel-safe: the state changes only after the tick has come.
+    async fn tick(&mut self) -> Beat {
+        let Some(ticker) = &mut self.ticker else {
+            return std::future::pending().await;
+        };
+        ticker.tick().await;
+        self.silent_ticks = if std::mem::take(&mut self.heard) {
+            0
+        } else {
+            self.silent_ticks + 1
+        };
+        if self.listens && self.silent_ticks >= 4 {
+            return Beat::Dead;
+        }
+        self.ping_due = !self.ping_due;
+        if self.ping_due {
+            Beat::Ping
+        } else {
+            Beat::Quiet
+        }
+    }
 }
 
 // ---- the WebSocket session ----
@@ -1988,11 +2673,7 @@ impl tokio::io::AsyncWrite for ReadAhead {
     }
 }
 
-/// Output is written in chunks of about this size, so a long drain or replay never holds
-/// more than this (plus one frame) in the connection's buffer.
-const OUT_CHUNK: usize = 64 * 1024;
-
-/// Why a session ended, for the log.
+/// Why a session ended, for the log and the Close frame.
 enum End {
     Closed,
     Error(WsError),
@@ -2007,245 +2688,96 @@ impl From<WsError> for End {
     }
 }
 
-/// One WebSocket connection. Its task is the only writer to the socket and owns the
-/// connection's subscriptions, which gives one order per connection for free: replies leave
-/// in request order, a subscribe ack precedes its replay and live events, and after an
-/// unsubscribe ack nothing of that topic follows.
-///
-/// tungstenite parses what the client sends; what the server sends is framed here, into
-/// `out`, because an event's frame is encoded once at publish time and copied as is. Before
-/// each write of `out`, tungstenite's own buffer (Pong and Close replies) is flushed, so the
-/// two never interleave inside a frame.
-struct Session {
-    broker: Arc<Broker>,
-    outbox: Arc<Outbox>,
-    stop: watch::Receiver<Option<Instant>>,
-    /// Topic name → the topic this connection is subscribed to (the `Arc` identifies the
-    /// incarnation: a topic deleted and re-created is another one).
-    subscriptions: HashMap<String, Arc<Topic>>,
-    /// The topic of the last publish, so a publisher streaming to one topic skips the map.
-    last_published: Option<Arc<Topic>>,
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Error(WsError::Io(e))
+    }
+}
+
+/// The WebSocket side of a connection's output. It owns the socket (the session reads
+/// through it too) and frames what the server sends into `out`, which leaves in one write
+/// per batch. Events are framed once, at publish, and copied as they are. tungstenite parses
+/// what the client sends and writes only its own Pong and Close replies; those are flushed
+/// before `out`, so the two never interleave inside a frame.
+struct WsWriter {
+    ws: Ws,
     /// Encoded frames not yet written to the socket.
     out: Vec<u8>,
-    /// Reused to build acks.
+    /// Reused to build replies.
     scratch: Vec<u8>,
     /// How long one write may wait for the socket before the peer is given up on.
     stall: Duration,
-    id: u64,
-    /// Messages published without an `id`, for server-assigned ids.
-    unnamed: u64,
 }
 
-impl Drop for Session {
-    /// Every exit path — close, error, abort, shutdown — removes the subscriptions.
-    fn drop(&mut self) {
-        for topic in self.subscriptions.values() {
-            topic.unsubscribe(&self.outbox);
-        }
-        self.broker.sessions.fetch_sub(1, Ordering::AcqRel);
-        log!(self.broker, Level::Debug, "connection {} closed", self.id);
-    }
-}
-
-impl Session {
-    fn new(broker: Arc<Broker>, stop: watch::Receiver<Option<Instant>>) -> Session {
-        broker.sessions.fetch_add(1, Ordering::AcqRel);
-        let id = broker.next_id.fetch_add(1, Ordering::Relaxed);
-        log!(broker, Level::Debug, "connection {id} opened");
-        let stall = match broker.config.heartbeat {
-            beat if beat.is_zero() => WRITE_STALL_LIMIT,
-            beat => beat * 2,
-        };
-        Session {
-            outbox: Arc::new(Outbox::new(broker.config.queue_size)),
-            broker,
-            stop,
-            subscriptions: HashMap::new(),
-            last_published: None,
-            out: Vec::new(),
-            scratch: Vec::new(),
-            stall,
-            id,
-            unnamed: 0,
+impl WsWriter {
+    /// Appends one frame whose payload is `parts`, in order.
+    fn frame(&mut self, opcode: u8, parts: &[&[u8]]) {
+        let len = parts.iter().map(|part| part.len()).sum();
+        let (header, header_len) = frame_header(opcode, len);
+        self.out.extend_from_slice(&header[..header_len]);
+        for part in parts {
+            self.out.extend_from_slice(part);
         }
     }
 
-    async fn run(mut self, mut ws: Ws) {
-        let end = self.serve(&mut ws).await;
-        match end {
-            End::Closed => {}
-            End::Error(e) => {
-                log!(self.broker, Level::Debug, "connection {}: {e}", self.id);
-                // tungstenite sends no Close frame for these; the contract wants one.
-                let code = match e {
-                    WsError::Capacity(_) => Some(CloseCode::Size),
-                    WsError::Utf8(_) => Some(CloseCode::Invalid),
-                    WsError::Protocol(_) => Some(CloseCode::Protocol),
-                    _ => None,
-                };
-                if let Some(code) = code {
-                    // A Close reason may hold at most 123 bytes.
-                    let mut reason = e.to_string();
-                    while reason.len() > 120 {
-                        reason.pop();
-                    }
-                    let frame = CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(reason),
-                    };
-                    let close = async {
-                        self.write_out(&mut ws).await?;
-                        ws.close(Some(frame)).await
-                    };
-                    let _ = timeout(Duration::from_secs(1), close).await;
-                }
-            }
-        }
-    }
-
-    async fn serve(&mut self, ws: &mut Ws) -> End {
-        let heartbeat = self.broker.config.heartbeat;
-        let beating = !heartbeat.is_zero();
-        // Ticks at half the interval: pings go out on every other tick, and a peer silent for
-        // four ticks in a row (two intervals) is closed, between 2 and 2.5 intervals after
-        // the last thing it sent.
-        let half = if beating {
-            heartbeat / 2
-        } else {
-            Duration::from_secs(3600)
-        };
-        let mut ticker = tokio::time::interval_at(Instant::now() + half, half);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ping_due = false;
-        let mut heard = false;
-        let mut silent_ticks = 0;
-        let outbox = Arc::clone(&self.outbox);
-        if self.stop.borrow_and_update().is_some() {
-            return Box::pin(self.goodbye(ws)).await;
-        }
-        loop {
-            outbox.about_to_look();
-            if outbox.has_work()
-                && let Err(e) = self.drain(ws).await
-            {
-                return e.into();
-            }
-            let pending = !self.out.is_empty();
-            let step = tokio::select! {
-                biased;
-                _ = self.stop.changed() => return Box::pin(self.goodbye(ws)).await,
-                _ = ticker.tick(), if beating => {
-                    silent_ticks = if std::mem::take(&mut heard) { 0 } else { silent_ticks + 1 };
-                    if silent_ticks >= 4 {
-                        log!(self.broker, Level::Debug, "connection {} timed out", self.id);
-                        return End::Closed;
-                    }
-                    ping_due = !ping_due;
-                    if ping_due {
-                        self.put_frame(OPCODE_PING, b"");
-                        self.put(Frame::new("info").string("msg", "ping").finish().as_bytes());
-                    }
-                    continue;
-                }
-                incoming = ws.next() => {
-                    heard = true;
-                    match incoming {
-                        None => return End::Closed,
-                        Some(Err(e)) => return e.into(),
-                        Some(Ok(message)) => self.on_burst(ws, message).await,
-                    }
-                }
-                _ = outbox.notify.notified() => continue,
-                // Nothing else is ready: write what the loop has gathered, in one go.
-                _ = std::future::ready(()), if pending => self.write_out(ws).await,
-            };
-            if let Err(e) = step {
-                return e.into();
-            }
-        }
-    }
-
-    /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
-    /// client that pipelines requests costs one trip through the loop per burst, not per
-    /// message.
-    async fn on_burst(&mut self, ws: &mut Ws, first: Message) -> Result<(), WsError> {
-        const BURST: usize = 64;
-        self.on_message(ws, first).await?;
-        for _ in 1..BURST {
-            // Each message spends from the task's cooperative budget, so a client that floods
-            // publishes yields its worker to the subscribers it is feeding.
-            tokio::task::consume_budget().await;
-            match ws.next().now_or_never() {
-                Some(Some(Ok(message))) => self.on_message(ws, message).await?,
-                Some(Some(Err(e))) => return Err(e),
-                Some(None) => return Err(WsError::ConnectionClosed),
-                None => break,
-            }
-        }
-        Ok(())
-    }
-
-    /// Appends a text frame.
-    fn put(&mut self, text: &[u8]) {
-        self.put_frame(OPCODE_TEXT, text);
-    }
-
-    fn put_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let (header, len) = frame_header(opcode, payload.len());
-        self.out.extend_from_slice(&header[..len]);
-        self.out.extend_from_slice(payload);
-    }
-
-    /// An ack, written without intermediate strings: it answers every publish.
-    fn put_ack(
-        &mut self,
-        request_id: Option<&RawValue>,
-        topic: &str,
-        seq: Option<u64>,
-        ts: Timestamp,
-    ) {
+    /// Appends a server message: `{"type":"<kind>"`, what `build` adds, then `ts`.
+    fn message(&mut self, kind: &str, ts: Timestamp, build: impl FnOnce(Json<'_>) -> Json<'_>) {
         let mut text = std::mem::take(&mut self.scratch);
         text.clear();
-        text.extend_from_slice(br#"{"type":"ack""#);
-        if let Some(id) = request_id {
-            text.extend_from_slice(br#","request_id":"#);
-            text.extend_from_slice(id.get().as_bytes());
-        }
-        text.extend_from_slice(br#","topic":""#);
-        text.extend_from_slice(topic.as_bytes());
-        text.extend_from_slice(br#"","status":"ok""#);
-        if let Some(seq) = seq {
-            text.extend_from_slice(br#","seq":"#);
-            push_u64(&mut text, seq);
-        }
-        text.extend_from_slice(br#","ts":""#);
-        text.extend_from_slice(ts.as_str().as_bytes());
-        text.extend_from_slice(br#""}"#);
-        self.put(&text);
+        build(Json::message(&mut text, kind)).ts(ts).end();
+        self.frame(OPCODE_TEXT, &[&text]);
         self.scratch = text;
     }
 
-    fn put_error(&mut self, request_id: Option<&RawValue>, e: Reject) {
-        let frame = Frame::new("error")
-            .request_id(request_id)
-            .error(e.code, &e.message)
-            .finish();
-        self.put(frame.as_bytes());
+    fn error(&mut self, request_id: Option<&RawValue>, e: Reject) {
+        self.message("error", Timestamp::now(), |json| {
+            json.request_id(request_id).error(e.code, &e.message)
+        });
+    }
+}
+
+impl Writer for WsWriter {
+    fn event(&mut self, event: &Event) {
+        self.out.extend_from_slice(event.frame());
     }
 
-    /// Writes `out` to the socket (after whatever tungstenite itself has pending). A peer
-    /// that takes no bytes for `stall` is given up on.
-    async fn write_out(&mut self, ws: &mut Ws) -> Result<(), WsError> {
+    fn replayed(&mut self, event: &Event) {
+        let (live, marker) = event.replay_parts();
+        self.frame(OPCODE_TEXT, &[live, marker]);
+    }
+
+    fn dropped(&mut self, count: u64) {
+        let message = format!("{count} event(s) dropped: this connection reads too slowly");
+        self.message("error", Timestamp::now(), |json| {
+            json.error("SLOW_CONSUMER", &message).num("dropped", count)
+        });
+    }
+
+    fn topic_deleted(&mut self, topic: &str) {
+        self.message("info", Timestamp::now(), |json| {
+            json.str("topic", topic).str("msg", "topic_deleted")
+        });
+    }
+
+    fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes `out` to the socket (after whatever tungstenite itself has pending).
+    async fn write_out(&mut self) -> std::io::Result<()> {
         let write = async {
-            ws.flush().await?;
+            self.ws.flush().await.map_err(|e| match e {
+                WsError::Io(e) => e,
+                e => std::io::Error::other(e),
+            })?;
             if !self.out.is_empty() {
-                ws.get_mut().write_all(&self.out).await?;
+                self.ws.get_mut().write_all(&self.out).await?;
             }
-            Ok::<(), WsError>(())
+            Ok::<(), std::io::Error>(())
         };
         match timeout(self.stall, write).await {
             Ok(result) => result?,
-            Err(_) => return Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
         }
         self.out.clear();
         if self.out.capacity() > 2 * OUT_CHUNK {
@@ -2253,241 +2785,267 @@ impl Session {
         }
         Ok(())
     }
+}
 
-    /// Writes `out` once it holds a chunk's worth. Boxed: it is reached from deep inside the
-    /// request handlers, whose futures would otherwise each carry a copy of its state in
-    /// every connection's task, for a write that happens only once per 64 KiB.
-    async fn write_if_full(&mut self, ws: &mut Ws) -> Result<(), WsError> {
-        if self.out.len() >= OUT_CHUNK {
-            Box::pin(self.write_out(ws)).await?;
+/// One WebSocket connection. Its task is the only writer to the socket and owns the
+/// connection's subscriptions, which gives one order per connection for free: replies leave
+/// in request order, a subscribe ack precedes its replay and live events, and after an
+/// unsubscribe ack nothing of that topic follows.
+struct Session {
+    subscriptions: Subscriptions,
+    writer: WsWriter,
+    heartbeat: Heartbeat,
+    publisher: Publisher,
+    stop: watch::Receiver<Option<Instant>>,
+}
+
+impl Session {
+    fn new(broker: Arc<Broker>, stop: watch::Receiver<Option<Instant>>, ws: Ws) -> Session {
+        let writer = WsWriter {
+            ws,
+            out: Vec::new(),
+            scratch: Vec::new(),
+            stall: write_deadline(&broker.config),
+        };
+        let heartbeat = Heartbeat::new(broker.config.heartbeat, true);
+        let subscriptions = Subscriptions::new(broker);
+        Session {
+            publisher: Publisher::new(subscriptions.id),
+            subscriptions,
+            writer,
+            heartbeat,
+            stop,
         }
-        Ok(())
     }
 
-    /// Moves up to `DRAIN_BATCH` queued events into `out`, then any drop notice and
-    /// topic-deleted notices. The loop writes `out` when nothing else is ready.
-    async fn drain(&mut self, ws: &mut Ws) -> Result<(), WsError> {
-        for _ in 0..DRAIN_BATCH {
-            let Some(event) = self.outbox.queue.pop() else {
-                break;
-            };
-            self.out.extend_from_slice(event.frame());
-            self.write_if_full(ws).await?;
+    async fn run(mut self) {
+        let End::Error(e) = self.serve().await else {
+            return;
+        };
+        log!(
+            self.subscriptions.broker,
+            Level::Debug,
+            "connection {}: {e}",
+            self.subscriptions.id
+        );
+        // tungstenite sends no Close frame for these; the contract wants one.
+        let code = match e {
+            WsError::Capacity(_) => CloseCode::Size,
+            WsError::Utf8(_) => CloseCode::Invalid,
+            WsError::Protocol(_) => CloseCode::Protocol,
+            _ => return,
+        };
+        // A Close reason may hold at most 123 bytes.
+        let mut reason = e.to_string();
+        while reason.len() > 120 {
+            reason.pop();
         }
-        let dropped = self.outbox.dropped.swap(0, Ordering::AcqRel);
-        if dropped > 0 {
-            let message = format!("{dropped} event(s) dropped: this connection reads too slowly");
-            let notice = Frame::new("error")
-                .error("SLOW_CONSUMER", &message)
-                .number("dropped", dropped);
-            self.put(notice.finish().as_bytes());
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        };
+        let close = async {
+            self.writer.write_out().await?;
+            self.writer.ws.close(Some(frame)).await.map_err(End::from)
+        };
+        let _ = timeout(Duration::from_secs(1), close).await;
+    }
+
+    async fn serve(&mut self) -> End {
+        let outbox = Arc::clone(&self.subscriptions.outbox);
+        if self.stop.borrow_and_update().is_some() {
+            return Box::pin(self.goodbye()).await;
         }
-        let deleted = self.outbox.take_deleted();
-        if !deleted.is_empty() {
-            // Events of the deleted topics queued before the deletion go out first.
-            self.move_queue(ws, None).await?;
-            for shared in deleted {
-                let name = self
-                    .subscriptions
-                    .iter()
-                    .find(|(_, t)| Arc::ptr_eq(&t.shared, &shared))
-                    .map(|(name, _)| name.clone());
-                if let Some(name) = name {
-                    self.subscriptions.remove(&name);
-                    self.put_topic_deleted(&name);
+        loop {
+            outbox.about_to_look();
+            if outbox.has_work()
+                && let Err(e) = self.subscriptions.drain(&mut self.writer).await
+            {
+                return e.into();
+            }
+            let pending = self.writer.buffered() > 0;
+            let step = tokio::select! {
+                biased;
+                _ = self.stop.changed() => return Box::pin(self.goodbye()).await,
+                beat = self.heartbeat.tick() => match beat {
+                    Beat::Ping => {
+                        self.writer.frame(OPCODE_PING, &[]);
+                        self.writer.message("info", Timestamp::now(), |json| json.str("msg", "ping"));
+                        continue;
+                    }
+                    Beat::Quiet => continue,
+                    Beat::Dead => {
+                        let id = self.subscriptions.id;
+                        log!(self.subscriptions.broker, Level::Debug, "connection {id} timed out");
+                        return End::Closed;
+                    }
+                },
+                incoming = self.writer.ws.next() => {
+                    self.heartbeat.heard();
+                    match incoming {
+                        None => return End::Closed,
+                        Some(Err(e)) => return e.into(),
+                        Some(Ok(message)) => self.on_burst(message).await,
+                    }
                 }
+                _ = outbox.notify.notified() => continue,
+                // Nothing else is ready: write what the loop has gathered, in one go.
+                _ = std::future::ready(()), if pending => {
+                    self.writer.write_out().await.map_err(End::from)
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
+    /// client that pipelines requests costs one trip through the loop per burst, not per
+    /// message.
+    async fn on_burst(&mut self, first: Message) -> Result<(), End> {
+        const BURST: usize = 64;
+        self.on_message(first).await?;
+        for _ in 1..BURST {
+            // Each message spends from the task's cooperative budget, so a client that floods
+            // publishes yields its worker to the subscribers it is feeding.
+            tokio::task::consume_budget().await;
+            match self.writer.ws.next().now_or_never() {
+                Some(Some(Ok(message))) => self.on_message(message).await?,
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) => return Err(End::Closed),
+                None => break,
             }
         }
         Ok(())
     }
 
-    fn put_topic_deleted(&mut self, topic: &str) {
-        let notice = Frame::new("info")
-            .string("topic", topic)
-            .string("msg", "topic_deleted");
-        self.put(notice.finish().as_bytes());
-    }
-
-    async fn on_message(&mut self, ws: &mut Ws, message: Message) -> Result<(), WsError> {
+    async fn on_message(&mut self, message: Message) -> Result<(), End> {
         match message {
-            Message::Text(text) => self.on_text(ws, &text).await,
+            Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {
                 let why = "binary frames are not supported; send JSON text";
-                self.put_error(None, reject("BAD_REQUEST", why));
+                self.writer.error(None, reject("BAD_REQUEST", why));
                 Ok(())
             }
             // tungstenite has queued the Close reply; send it and end, writing nothing after.
             Message::Close(_) => {
-                self.out.clear();
-                ws.flush().await?;
-                Err(WsError::ConnectionClosed)
+                self.writer.out.clear();
+                self.writer.ws.flush().await?;
+                Err(End::Closed)
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
         }
     }
 
-    async fn on_text(&mut self, ws: &mut Ws, text: &str) -> Result<(), WsError> {
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
         let (request_id, request) = decode(text);
         match request {
-            Err(e) => self.put_error(request_id, e),
+            Err(e) => self.writer.error(request_id, e),
             Ok(ClientRequest::Ping) => {
-                let pong = Frame::new("pong").request_id(request_id).finish();
-                self.put(pong.as_bytes());
+                let ts = Timestamp::now();
+                self.writer
+                    .message("pong", ts, |json| json.request_id(request_id));
             }
             Ok(ClientRequest::Publish { topic, id, payload }) => {
-                match self.publish(&topic, id, payload) {
-                    Ok((seq, ts)) => self.put_ack(request_id, &topic, Some(seq), ts),
-                    Err(e) => self.put_error(request_id, e),
+                let broker = &self.subscriptions.broker;
+                match self.publisher.publish(broker, &topic, id, payload) {
+                    Ok(published) => self.writer.message("ack", published.ts, |json| {
+                        json.request_id(request_id)
+                            .str("topic", &topic)
+                            .str("status", "ok")
+                            .num("seq", published.seq)
+                    }),
+                    Err(e) => self.writer.error(request_id, e),
                 }
             }
-            Ok(ClientRequest::Subscribe { topic, last_n }) => {
-                // Boxed, like the other rare paths, so their state does not sit in every
-                // connection's task for its whole life.
-                Box::pin(self.subscribe(ws, request_id, topic.into_owned(), last_n)).await?;
+            // Boxed, like the other rare paths, so their state does not sit in every
+            // connection's task for its whole life.
+            Ok(ClientRequest::Subscribe { topic, replay }) => {
+                Box::pin(self.subscribe(request_id, &topic, replay)).await?;
             }
             Ok(ClientRequest::Unsubscribe { topic }) => {
-                Box::pin(self.unsubscribe(ws, request_id, topic.into_owned())).await?;
+                Box::pin(self.unsubscribe(request_id, &topic)).await?;
             }
         }
-        self.write_if_full(ws).await
-    }
-
-    fn publish(
-        &mut self,
-        name: &str,
-        id: Option<&str>,
-        payload: &str,
-    ) -> Result<(u64, Timestamp), Reject> {
-        let cached = self
-            .last_published
-            .take()
-            .filter(|t| t.name == name && !t.is_deleted());
-        let topic = cached
-            .or_else(|| self.broker.topic(name))
-            .ok_or_else(|| topic_not_found(name))?;
-        let id = match id {
-            Some(raw) => MessageId::Given(raw),
-            None => {
-                self.unnamed += 1;
-                MessageId::Assigned(self.id, self.unnamed)
-            }
-        };
-        let published = topic
-            .publish(id, payload)
-            .ok_or_else(|| topic_not_found(name))?;
-        self.last_published = Some(topic);
-        Ok(published)
+        self.writer.write_if_full().await?;
+        Ok(())
     }
 
     async fn subscribe(
         &mut self,
-        ws: &mut Ws,
         request_id: Option<&RawValue>,
-        name: String,
-        last_n: usize,
-    ) -> Result<(), WsError> {
-        // A pending deletion notice must go out before this subscription can be judged.
-        self.drain(ws).await?;
-        if let Some(current) = self.subscriptions.get(&name) {
-            if !current.is_deleted() {
-                self.put_ack(request_id, &name, None, Timestamp::now());
+        name: &str,
+        replay: Replay,
+    ) -> Result<(), End> {
+        let joined = match self
+            .subscriptions
+            .subscribe(&mut self.writer, name, replay)
+            .await?
+        {
+            Ok(joined) => joined,
+            Err(e) => {
+                self.writer.error(request_id, e);
                 return Ok(());
             }
-            // Deleted, but its notice has not reached this outbox yet (the deleter is between
-            // marking the topic and telling its subscribers): end it here, notice included,
-            // so the client never sees the new topic's events continue the old one's.
-            let shared = Arc::clone(&current.shared);
-            self.subscriptions.remove(&name);
-            self.move_queue(ws, Some(&shared)).await?;
-            self.put_topic_deleted(&name);
-        }
-        let max = self.broker.config.max_subscriptions;
-        if self.subscriptions.len() >= max {
-            let message = format!("at most {max} subscriptions per connection");
-            self.put_error(request_id, reject("LIMIT_EXCEEDED", message));
-            return Ok(());
-        }
-        let registered = self.broker.topic(&name).and_then(|topic| {
-            let replay = topic.subscribe(&self.outbox, last_n)?;
-            Some((topic, replay))
-        });
-        let Some((topic, replay)) = registered else {
-            self.put_error(request_id, topic_not_found(&name));
-            return Ok(());
         };
-        self.put_ack(request_id, &name, None, Timestamp::now());
-        self.subscriptions.insert(name, topic);
-        for event in &replay {
-            self.put(&replay_text(event));
-            self.write_if_full(ws).await?;
-        }
-        Ok(())
-    }
-
-    async fn unsubscribe(
-        &mut self,
-        ws: &mut Ws,
-        request_id: Option<&RawValue>,
-        name: String,
-    ) -> Result<(), WsError> {
-        if let Some(topic) = self.subscriptions.remove(&name) {
-            topic.unsubscribe(&self.outbox);
-            self.move_queue(ws, Some(&topic.shared)).await?;
-        } else if self.broker.topic(&name).is_none() {
-            self.put_error(request_id, topic_not_found(&name));
-            return Ok(());
-        }
-        self.put_ack(request_id, &name, None, Timestamp::now());
-        Ok(())
-    }
-
-    /// Moves the queued events into `out`, leaving out those of `skip` (a topic just
-    /// unsubscribed or deleted). Bounded by the queue's capacity: no event of a topic that was
-    /// just left or deleted can arrive any more, so all of its events are within one
-    /// queue-length of pops, and a flood on other topics cannot keep this loop going.
-    async fn move_queue(
-        &mut self,
-        ws: &mut Ws,
-        skip: Option<&Arc<TopicShared>>,
-    ) -> Result<(), WsError> {
-        for _ in 0..self.outbox.queue.capacity() {
-            let Some(event) = self.outbox.queue.pop() else {
-                break;
-            };
-            if !skip.is_some_and(|topic| Arc::ptr_eq(&event.topic, topic)) {
-                self.out.extend_from_slice(event.frame());
-                self.write_if_full(ws).await?;
+        let Joined { topic, backlog } = joined;
+        self.writer.message("ack", Timestamp::now(), |json| {
+            let json = json
+                .request_id(request_id)
+                .str("topic", name)
+                .str("status", "ok")
+                .str("epoch", &topic.epoch)
+                .num("replayed", backlog.events.len() as u64);
+            if backlog.missed > 0 {
+                json.num("missed", backlog.missed)
+            } else {
+                json
             }
+        });
+        Subscriptions::replay(&mut self.writer, &backlog.events).await?;
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, request_id: Option<&RawValue>, name: &str) -> Result<(), End> {
+        match self
+            .subscriptions
+            .unsubscribe(&mut self.writer, name)
+            .await?
+        {
+            Ok(()) => self.writer.message("ack", Timestamp::now(), |json| {
+                json.request_id(request_id)
+                    .str("topic", name)
+                    .str("status", "ok")
+            }),
+            Err(e) => self.writer.error(request_id, e),
         }
         Ok(())
     }
 
     /// Shutdown: `info`/`shutdown`, the queued events, Close 1001, then wait for the peer's
     /// Close — all by the drain deadline.
-    async fn goodbye(&mut self, ws: &mut Ws) -> End {
+    async fn goodbye(&mut self) -> End {
         let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
         let farewell = async {
-            self.put(
-                Frame::new("info")
-                    .string("msg", "shutdown")
-                    .finish()
-                    .as_bytes(),
-            );
-            while !self.outbox.queue.is_empty() {
-                self.drain(ws).await?;
+            let ts = Timestamp::now();
+            self.writer
+                .message("info", ts, |json| json.str("msg", "shutdown"));
+            while !self.subscriptions.outbox.queue.is_empty() {
+                self.subscriptions.drain(&mut self.writer).await?;
             }
-            self.write_out(ws).await?;
+            self.writer.write_out().await?;
             let frame = CloseFrame {
                 code: CloseCode::Away,
                 reason: Utf8Bytes::from_static("server shutting down"),
             };
-            ws.send(Message::Close(Some(frame))).await?;
-            while let Some(Ok(message)) = ws.next().await {
+            self.writer.ws.send(Message::Close(Some(frame))).await?;
+            while let Some(Ok(message)) = self.writer.ws.next().await {
                 if message.is_close() {
                     break;
                 }
             }
-            Ok::<(), WsError>(())
+            Ok::<(), End>(())
         };
         let _ = timeout_at(deadline, farewell).await;
         End::Closed
@@ -2496,4 +3054,210 @@ impl Session {
 
 fn topic_not_found(name: &str) -> Reject {
     reject("TOPIC_NOT_FOUND", format!("topic '{name}' does not exist"))
+}
+
+fn too_many_topics(max: usize) -> Reject {
+    reject("LIMIT_EXCEEDED", format!("at most {max} topics"))
+}
+
+// ---- the SSE stream ----
+
+/// The Server-Sent Events side of a subscriber: frames what its subscription delivers as SSE
+/// records around the same event JSON a WebSocket subscriber gets (`id: <seq>`,
+/// `event: message`, `data: <JSON>`), and writes them to the socket.
+struct SseWriter {
+    stream: TcpStream,
+    /// Records not yet written to the socket.
+    out: Vec<u8>,
+    /// How long one write may wait for the socket before the peer is given up on.
+    stall: Duration,
+    /// The topic was deleted: its notice is the stream's last record.
+    ended: bool,
+}
+
+impl SseWriter {
+    /// Appends `event: <kind>` and `data:` lines holding `parts`, in order. A line break in
+    /// the JSON (whitespace a publisher put in its payload) starts another `data:` line,
+    /// which the client joins back with `\n`.
+    fn record(&mut self, kind: &str, parts: &[&[u8]]) {
+        self.out.extend_from_slice(b"event: ");
+        self.out.extend_from_slice(kind.as_bytes());
+        self.out.extend_from_slice(b"\ndata: ");
+        for part in parts {
+            for (i, line) in part.split(|b| *b == b'\n' || *b == b'\r').enumerate() {
+                if i > 0 {
+                    self.out.extend_from_slice(b"\ndata: ");
+                }
+                self.out.extend_from_slice(line);
+            }
+        }
+        self.out.extend_from_slice(b"\n\n");
+    }
+
+    /// A record whose data is a small JSON object built by `build`.
+    fn notice(&mut self, kind: &str, build: impl FnOnce(Json<'_>) -> Json<'_>) {
+        let mut data = Vec::with_capacity(64);
+        build(Json::object(&mut data)).end();
+        self.record(kind, &[&data]);
+    }
+
+    fn message(&mut self, seq: u64, parts: &[&[u8]]) {
+        self.out.extend_from_slice(b"id: ");
+        push_u64(&mut self.out, seq);
+        self.out.push(b'\n');
+        self.record("message", parts);
+    }
+}
+
+impl Writer for SseWriter {
+    fn event(&mut self, event: &Event) {
+        self.message(event.seq, &[event.text()]);
+    }
+
+    fn replayed(&mut self, event: &Event) {
+        let (live, marker) = event.replay_parts();
+        self.message(event.seq, &[live, marker]);
+    }
+
+    fn dropped(&mut self, count: u64) {
+        self.notice("slow_consumer", |json| json.num("dropped", count));
+    }
+
+    fn topic_deleted(&mut self, topic: &str) {
+        self.notice("topic_deleted", |json| json.str("topic", topic));
+        self.ended = true;
+    }
+
+    fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            match timeout(self.stall, self.stream.write_all(&self.out)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+        self.out.clear();
+        if self.out.capacity() > 2 * OUT_CHUNK {
+            self.out.shrink_to(OUT_CHUNK);
+        }
+        Ok(())
+    }
+}
+
+/// One SSE subscriber (`GET /topics/{name}/events`): a subscription like a WebSocket one,
+/// through the same outbox, written by an `SseWriter`. The client sends nothing after its
+/// request, so the stream ends when the socket does (or its writes stall), when the topic is
+/// deleted, or at shutdown.
+struct SseStream {
+    subscriptions: Subscriptions,
+    writer: SseWriter,
+    heartbeat: Heartbeat,
+    stop: watch::Receiver<Option<Instant>>,
+}
+
+impl SseStream {
+    async fn serve(connection: Connection, stream: TcpStream, name: String, replay: Replay) {
+        let Connection {
+            broker,
+            stop,
+            _alive,
+        } = connection;
+        let mut sse = SseStream {
+            writer: SseWriter {
+                stream,
+                out: Vec::new(),
+                stall: write_deadline(&broker.config),
+                ended: false,
+            },
+            heartbeat: Heartbeat::new(broker.config.heartbeat, false),
+            subscriptions: Subscriptions::new(broker),
+            stop,
+        };
+        let subscribed = sse.subscriptions.subscribe(&mut sse.writer, &name, replay);
+        let Joined { topic, backlog } = match subscribed.await {
+            Ok(Ok(joined)) => joined,
+            Ok(Err(e)) => {
+                let response = Response::reject(e).closing();
+                let _ = response.write_within(&mut sse.writer.stream, 1).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        sse.writer.out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+              X-Accel-Buffering: no\r\nConnection: close\r\n\r\n",
+        );
+        sse.writer.notice("subscribed", |json| {
+            let json = json
+                .str("topic", &name)
+                .str("epoch", &topic.epoch)
+                .num("replayed", backlog.events.len() as u64);
+            if backlog.missed > 0 {
+                json.num("missed", backlog.missed)
+            } else {
+                json
+            }
+        });
+        if Subscriptions::replay(&mut sse.writer, &backlog.events)
+            .await
+            .is_ok()
+        {
+            drop(backlog);
+            sse.stream().await;
+        }
+        linger(&mut sse.writer.stream).await;
+    }
+
+    async fn stream(&mut self) {
+        let outbox = Arc::clone(&self.subscriptions.outbox);
+        // What a client sends after its request is read only to notice that it has gone.
+        let mut discard = [0u8; 64];
+        loop {
+            outbox.about_to_look();
+            if outbox.has_work() && self.subscriptions.drain(&mut self.writer).await.is_err() {
+                return;
+            }
+            if self.writer.ended {
+                let _ = self.writer.write_out().await;
+                return;
+            }
+            let pending = self.writer.buffered() > 0;
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => return self.goodbye().await,
+                beat = self.heartbeat.tick() => {
+                    if let Beat::Ping = beat {
+                        self.writer.out.extend_from_slice(b": ping\n\n");
+                    }
+                }
+                read = self.writer.stream.read(&mut discard) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+                _ = outbox.notify.notified() => {}
+                _ = std::future::ready(()), if pending => {
+                    if self.writer.write_out().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shutdown: the queued events, then `event: shutdown`, by the drain deadline.
+    async fn goodbye(&mut self) {
+        let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
+        let farewell = async {
+            while !self.subscriptions.outbox.queue.is_empty() {
+                self.subscriptions.drain(&mut self.writer).await?;
+            }
+            self.writer.notice("shutdown", |json| json);
+            self.writer.write_out().await
+        };
+        let _ = timeout_at(deadline, farewell).await;
+    }
 }

@@ -211,6 +211,31 @@ impl Client {
         ack["seq"].as_u64().unwrap()
     }
 
+    /// The next text frame as it came, skipping heartbeats.
+    async fn recv_text(&mut self) -> String {
+        loop {
+            let message = timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a message within the deadline")
+                .expect("the connection is open")
+                .expect("a valid frame");
+            if let Message::Text(text) = message
+                && !text.contains(r#""msg":"ping""#)
+            {
+                return text.to_string();
+            }
+        }
+    }
+
+    /// Subscribes with the extra fields `with` and returns the ack.
+    async fn subscribe_ack(&mut self, topic: &str, mut with: Value) -> Value {
+        with["type"] = json!("subscribe");
+        with["topic"] = json!(topic);
+        let (ack, _) = self.request(with).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        ack
+    }
+
     async fn event(&mut self) -> Value {
         let event = self.recv().await;
         assert_eq!(event["type"], "event", "{event}");
@@ -2317,4 +2342,670 @@ async fn a_second_signal_exits_at_once() {
     // ...the second ends it now.
     let status = exit_status(&mut server.child, Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(1));
+}
+
+// ---- resume after reconnect ----
+
+/// Subscribes with `since_seq` and returns the ack and the replayed events.
+async fn resume(client: &mut Client, topic: &str, since_seq: u64) -> (Value, Vec<Value>) {
+    let (ack, before) = client
+        .request(json!({"type":"subscribe","topic":topic,"since_seq":since_seq}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert!(before.is_empty(), "nothing before the ack: {before:?}");
+    let replayed = ack["replayed"].as_u64().unwrap();
+    let mut events = Vec::new();
+    for _ in 0..replayed {
+        let event = client.event().await;
+        assert_eq!(event["replay"], true, "{event}");
+        events.push(event);
+    }
+    (ack, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn since_seq_resumes_inside_the_ring_counts_what_was_evicted_and_sees_a_new_epoch() {
+    let addr = start(Config {
+        replay_size: 10,
+        ..quiet()
+    })
+    .await;
+    create(addr, "r").await;
+    let mut publisher = Client::connect(addr).await;
+    for i in 1..=5 {
+        assert_eq!(publisher.publish("r", json!(i)).await, i);
+    }
+
+    // Inside the ring: exactly the events after since_seq, then live.
+    let mut a = Client::connect(addr).await;
+    let (ack, events) = resume(&mut a, "r", 2).await;
+    assert_eq!(ack["replayed"], 3);
+    assert!(ack.get("missed").is_none(), "{ack}");
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    assert!(!epoch.is_empty());
+    assert_eq!(events.iter().map(seq).collect::<Vec<_>>(), [3, 4, 5]);
+    publisher.publish("r", json!(6)).await;
+    let live = a.event().await;
+    assert_eq!((seq(&live), live.get("replay")), (6, None));
+
+    // Partly evicted: the ring holds 16..=25, so 4..=15 are gone for good.
+    for i in 7..=25 {
+        publisher.publish("r", json!(i)).await;
+    }
+    let mut b = Client::connect(addr).await;
+    let (ack, events) = resume(&mut b, "r", 3).await;
+    assert_eq!(
+        (ack["replayed"].as_u64(), ack["missed"].as_u64()),
+        (Some(10), Some(12))
+    );
+    assert_eq!(ack["epoch"], epoch.as_str(), "same topic, same epoch");
+    assert_eq!(
+        events.iter().map(seq).collect::<Vec<_>>(),
+        (16..=25).collect::<Vec<_>>()
+    );
+    // Up to date, and ahead of the topic: nothing to replay, nothing missed.
+    let mut c = Client::connect(addr).await;
+    let (ack, _) = resume(&mut c, "r", 25).await;
+    assert_eq!(
+        (ack["replayed"].as_u64(), ack.get("missed")),
+        (Some(0), None)
+    );
+    let (ack, _) = resume(&mut Client::connect(addr).await, "r", 1000).await;
+    assert_eq!(
+        (ack["replayed"].as_u64(), ack.get("missed")),
+        (Some(0), None)
+    );
+
+    // Deleted and re-created: a new epoch tells the client its since_seq means nothing here.
+    assert_eq!(http(addr, "DELETE", "/topics/r", None).await.status, 200);
+    create(addr, "r").await;
+    assert_eq!(publisher.publish("r", json!("new")).await, 1);
+    let mut d = Client::connect(addr).await;
+    let (ack, events) = resume(&mut d, "r", 0).await;
+    assert_ne!(
+        ack["epoch"],
+        epoch.as_str(),
+        "a re-created topic has a new epoch"
+    );
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["message"]["payload"], "new");
+
+    // Every subscribe ack carries the epoch; an already-subscribed topic replays nothing.
+    let (ack, before) = d
+        .request(json!({"type":"subscribe","topic":"r","last_n":5}))
+        .await;
+    assert_eq!(
+        (ack["epoch"].clone(), ack["replayed"].clone()),
+        (json!(ack["epoch"].as_str().unwrap()), json!(0))
+    );
+    assert!(before.is_empty());
+    let fresh = Client::connect(addr)
+        .await
+        .subscribe_ack("r", json!({"last_n": 5}))
+        .await;
+    assert_eq!(
+        (fresh["epoch"].clone(), fresh["replayed"].clone()),
+        (ack["epoch"].clone(), json!(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_seq_with_last_n_and_bad_since_seq_values_are_rejected() {
+    let addr = start(quiet()).await;
+    create(addr, "real").await;
+    let mut client = Client::connect(addr).await;
+    for bad in [
+        json!({"type":"subscribe","topic":"real","since_seq":1,"last_n":1}),
+        json!({"type":"subscribe","topic":"real","since_seq":-1}),
+        json!({"type":"subscribe","topic":"real","since_seq":1.5}),
+        json!({"type":"subscribe","topic":"real","since_seq":"5"}),
+    ] {
+        let (reply, _) = client.request(bad.clone()).await;
+        assert_eq!(reply["type"], "error", "{bad} → {reply}");
+        assert_eq!(reply["error"]["code"], "BAD_REQUEST", "{bad} → {reply}");
+    }
+    let health = health(addr).await;
+    assert_eq!(health["subscribers"], 0, "no bad subscribe took effect");
+}
+
+// ---- publish over REST ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rest_publish_and_a_websocket_publish_produce_identical_events() {
+    let addr = start(quiet()).await;
+    create(addr, "same").await;
+    let mut subscriber = Client::connect(addr).await;
+    subscriber.subscribe("same", 0).await;
+    // Whitespace, key order, number formats and escapes must all survive, byte for byte.
+    let payload = r#"{"z": 1.50e3,  "a":[ true,null ], "s":"\u00e9\n"}"#;
+    let ws_publish = format!(
+        r#"{{"type":"publish","topic":"same","message":{{"id":"m-1","payload":{payload}}},"request_id":1}}"#
+    );
+    let mut publisher = Client::connect(addr).await;
+    publisher.send_text(&ws_publish).await;
+    assert_eq!(publisher.recv().await["seq"], 1);
+    let rest = http(
+        addr,
+        "POST",
+        "/topics/same/messages",
+        Some(&format!(r#"{{"id":"m-1","payload":{payload}}}"#)),
+    )
+    .await;
+    assert_eq!(rest.status, 201, "{}", rest.body);
+    assert_eq!(
+        (
+            &rest.body["status"],
+            &rest.body["topic"],
+            &rest.body["id"],
+            &rest.body["seq"]
+        ),
+        (&json!("ok"), &json!("same"), &json!("m-1"), &json!(2))
+    );
+    let first = subscriber.recv_text().await;
+    let second = subscriber.recv_text().await;
+    let without_seq_and_ts = |text: &str, seq: u64| {
+        let marker = format!(r#","seq":{seq},"ts":""#);
+        let at = text.find(&marker).expect("seq then ts");
+        text[..at].to_string()
+    };
+    assert_eq!(
+        without_seq_and_ts(&first, 1),
+        without_seq_and_ts(&second, 2)
+    );
+    assert!(first.contains(payload), "payload byte for byte: {first}");
+
+    // Without an id the server assigns one and says which.
+    let rest = http(
+        addr,
+        "POST",
+        "/topics/same/messages",
+        Some(r#"{"payload":7}"#),
+    )
+    .await;
+    assert_eq!(rest.status, 201);
+    let id = rest.body["id"].as_str().unwrap().to_string();
+    let event = subscriber.event().await;
+    assert_eq!(
+        (event["message"]["id"].as_str(), seq(&event)),
+        (Some(id.as_str()), 3)
+    );
+
+    // Failures: unknown topic, bad bodies; none of them publishes anything.
+    for (path, body, status, code) in [
+        (
+            "/topics/nope/messages",
+            r#"{"payload":1}"#,
+            404,
+            "TOPIC_NOT_FOUND",
+        ),
+        (
+            "/topics/same/messages",
+            r#"{"payload":1"#,
+            400,
+            "BAD_REQUEST",
+        ),
+        ("/topics/same/messages", r#"{"id":"x"}"#, 400, "BAD_REQUEST"),
+        (
+            "/topics/same/messages",
+            r#"{"id":5,"payload":1}"#,
+            400,
+            "BAD_REQUEST",
+        ),
+        ("/topics/same/messages", r#"[1]"#, 400, "BAD_REQUEST"),
+        (
+            "/topics/bad!name/messages",
+            r#"{"payload":1}"#,
+            400,
+            "BAD_REQUEST",
+        ),
+    ] {
+        let response = http(addr, "POST", path, Some(body)).await;
+        assert_eq!(response.status, status, "{path} {body}: {}", response.body);
+        assert_eq!(response.body["error"]["code"], code, "{path} {body}");
+    }
+    let long_id = format!(r#"{{"id":"{}","payload":1}}"#, "i".repeat(257));
+    let response = http(addr, "POST", "/topics/same/messages", Some(&long_id)).await;
+    assert_eq!(response.status, 400);
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(stats["topics"]["same"]["messages"], 3);
+}
+
+// ---- Server-Sent Events ----
+
+/// One SSE record: its `id`, `event` and the `data` lines joined with `\n`.
+#[derive(Debug, Default)]
+struct Record {
+    id: Option<String>,
+    event: String,
+    data: String,
+}
+
+/// A raw SSE subscriber, so the framing itself is checked.
+struct Sse {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Comment lines seen so far (`: ping`).
+    comments: Vec<String>,
+}
+
+impl Sse {
+    /// Opens `path` and returns the response head and the stream after it.
+    async fn open(addr: SocketAddr, path: &str, headers: &str) -> (String, Sse) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut sse = Sse {
+            stream,
+            buf: Vec::new(),
+            comments: Vec::new(),
+        };
+        let head = loop {
+            if let Some(end) = sse.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(sse.buf[..end].to_vec()).unwrap();
+                sse.buf.drain(..end + 4);
+                break head;
+            }
+            assert!(sse.fill().await > 0, "the response head arrives");
+        };
+        (head, sse)
+    }
+
+    /// Opens a stream that must succeed, and returns its `subscribed` record.
+    async fn subscribe(addr: SocketAddr, path: &str, headers: &str) -> (Sse, Value) {
+        let (head, mut sse) = Sse::open(addr, path, headers).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/event-stream"),
+            "{head}"
+        );
+        let subscribed = sse.record().await.expect("a first record");
+        assert_eq!(subscribed.event, "subscribed");
+        let value = serde_json::from_str(&subscribed.data).unwrap();
+        (sse, value)
+    }
+
+    async fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 65536];
+        let n = timeout(DEADLINE, self.stream.read(&mut chunk))
+            .await
+            .expect("SSE data within the deadline")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    /// The next record, or `None` when the server has closed the stream.
+    async fn record(&mut self) -> Option<Record> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+                self.buf.drain(..end + 2);
+                let mut record = Record::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        self.comments.push(comment.trim().to_string());
+                    } else if let Some((field, value)) = line.split_once(": ") {
+                        match field {
+                            "id" => record.id = Some(value.to_string()),
+                            "event" => record.event = value.to_string(),
+                            "data" => data.push(value),
+                            other => panic!("unexpected field {other}"),
+                        }
+                    }
+                }
+                if record.event.is_empty() && data.is_empty() {
+                    continue; // a comment-only block
+                }
+                record.data = data.join("\n");
+                return Some(record);
+            }
+            if self.fill().await == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// The next `message` record's event JSON, checked against its `id:` line.
+    async fn event(&mut self) -> Value {
+        let record = self.record().await.expect("an event");
+        assert_eq!(record.event, "message", "{record:?}");
+        let event: Value = serde_json::from_str(&record.data).unwrap();
+        assert_eq!(record.id, Some(seq(&event).to_string()), "id: is the seq");
+        event
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_frames_the_websocket_event_json_and_resumes_from_last_event_id() {
+    let addr = start(quiet()).await;
+    create(addr, "s").await;
+    let (mut sse, subscribed) = Sse::subscribe(addr, "/topics/s/events", "").await;
+    assert_eq!(subscribed["topic"], "s");
+    assert_eq!(subscribed["replayed"], 0);
+    let epoch = subscribed["epoch"].clone();
+    let mut ws = Client::connect(addr).await;
+    ws.subscribe("s", 0).await;
+    let health = health(addr).await;
+    assert_eq!(
+        (
+            health["connections"].as_u64(),
+            health["subscribers"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+
+    let mut publisher = Client::connect(addr).await;
+    for i in 1..=3 {
+        publisher.publish("s", json!({"i": i})).await;
+    }
+    // A payload with line breaks spans several data: lines and comes back whole.
+    let multiline = "{\"type\":\"publish\",\"topic\":\"s\",\"message\":{\"payload\":{\n  \"x\": 1\r\n}},\"request_id\":0}";
+    publisher.send_text(multiline).await;
+    assert_eq!(publisher.recv().await["seq"], 4);
+    for i in 1..=4 {
+        let over_sse = sse.record().await.unwrap();
+        let over_ws = ws.recv_text().await;
+        assert_eq!(over_sse.id, Some(i.to_string()));
+        assert_eq!(over_sse.event, "message");
+        if i < 4 {
+            assert_eq!(over_sse.data, over_ws, "the same event JSON, byte for byte");
+        } else {
+            let parsed: Value = serde_json::from_str(&over_sse.data).unwrap();
+            assert_eq!(parsed, serde_json::from_str::<Value>(&over_ws).unwrap());
+            assert_eq!(parsed["message"]["payload"]["x"], 1);
+        }
+    }
+
+    // Last-Event-ID resumes (and wins over the URL's last_n, as an EventSource reconnect sends both).
+    let (mut resumed, subscribed) =
+        Sse::subscribe(addr, "/topics/s/events?last_n=100", "Last-Event-ID: 2\r\n").await;
+    assert_eq!(
+        (subscribed["replayed"].as_u64(), subscribed["epoch"].clone()),
+        (Some(2), epoch.clone())
+    );
+    for expected in [3, 4] {
+        let event = resumed.event().await;
+        assert_eq!(
+            (seq(&event), event["replay"].as_bool()),
+            (expected, Some(true))
+        );
+    }
+    let (mut since, subscribed) = Sse::subscribe(addr, "/topics/s/events?since_seq=3", "").await;
+    assert_eq!(subscribed["replayed"], 1);
+    assert_eq!(seq(&since.event().await), 4);
+    let (mut last, subscribed) = Sse::subscribe(addr, "/topics/s/events?last_n=2", "").await;
+    assert_eq!(subscribed["replayed"], 2);
+    assert_eq!(seq(&last.event().await), 3);
+    assert_eq!(seq(&last.event().await), 4);
+    publisher.publish("s", json!("live")).await;
+    for stream in [&mut resumed, &mut since, &mut last] {
+        let event = stream.event().await;
+        assert_eq!((seq(&event), event.get("replay")), (5, None));
+    }
+
+    // Refusals are plain HTTP errors.
+    for (path, headers, status) in [
+        ("/topics/nope/events", "", 404),
+        ("/topics/s/events?last_n=1&since_seq=1", "", 400),
+        ("/topics/s/events?last_n=-1", "", 400),
+        ("/topics/s/events?since_seq=x", "", 400),
+        ("/topics/s/events", "Last-Event-ID: abc\r\n", 400),
+        ("/topics/bad!/events", "", 400),
+    ] {
+        let (head, _) = Sse::open(addr, path, headers).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {head}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sse_subscriber_under_backpressure_drops_oldest_and_is_counted_like_a_websocket_one() {
+    const TOTAL: u64 = 3000;
+    let addr = start(Config {
+        queue_size: 16,
+        ..quiet()
+    })
+    .await;
+    create(addr, "flood").await;
+    // Subscribed, then reading nothing while the publisher floods.
+    let (mut sse, _) = Sse::subscribe(addr, "/topics/flood/events", "").await;
+    let filler = "x".repeat(4096);
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..TOTAL {
+        let message =
+            json!({"type":"publish","topic":"flood","message":{"payload":{"i":i,"fill":filler}}});
+        publisher.send(message).await;
+    }
+    let mut acked = 0;
+    while acked < TOTAL {
+        assert_eq!(publisher.recv().await["type"], "ack");
+        acked += 1;
+    }
+    let mut received = Vec::new();
+    let mut dropped = 0;
+    while received.len() as u64 + dropped < TOTAL {
+        let record = sse.record().await.expect("the stream stays open");
+        match record.event.as_str() {
+            "message" => received.push(record.id.unwrap().parse::<u64>().unwrap()),
+            "slow_consumer" => {
+                let notice: Value = serde_json::from_str(&record.data).unwrap();
+                dropped += notice["dropped"].as_u64().unwrap();
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "ids ascend");
+    assert!(
+        dropped > 0,
+        "a subscriber that read nothing must have lost events"
+    );
+    assert_eq!(*received.last().unwrap(), TOTAL, "the newest arrives");
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(stats["topics"]["flood"]["dropped"], dropped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_topic_ends_its_sse_streams_after_their_events() {
+    let addr = start(quiet()).await;
+    create(addr, "gone").await;
+    let (mut sse, _) = Sse::subscribe(addr, "/topics/gone/events", "").await;
+    let mut publisher = Client::connect(addr).await;
+    publisher.publish("gone", json!(1)).await;
+    assert_eq!(http(addr, "DELETE", "/topics/gone", None).await.status, 200);
+    assert_eq!(seq(&sse.event().await), 1, "queued events first");
+    let notice = sse.record().await.expect("the deletion notice");
+    assert_eq!(notice.event, "topic_deleted");
+    assert_eq!(
+        serde_json::from_str::<Value>(&notice.data).unwrap()["topic"],
+        "gone"
+    );
+    assert!(sse.record().await.is_none(), "then the stream ends");
+    counts_become(addr, 1, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_heartbeats_are_comment_lines() {
+    let addr = start(Config {
+        heartbeat: Duration::from_millis(100),
+        ..quiet()
+    })
+    .await;
+    create(addr, "beat").await;
+    let (mut sse, _) = Sse::subscribe(addr, "/topics/beat/events", "").await;
+    // An SSE client says nothing after its request; heartbeats must not drop it for that.
+    let deadline = Instant::now() + DEADLINE;
+    while sse.comments.iter().filter(|c| *c == "ping").count() < 6 {
+        assert!(Instant::now() < deadline, "pings keep coming");
+        sse.fill().await;
+        while sse.buf.windows(2).any(|w| w == b"\n\n") {
+            let end = sse.buf.windows(2).position(|w| w == b"\n\n").unwrap();
+            let block = String::from_utf8(sse.buf.drain(..end + 2).collect()).unwrap();
+            sse.comments.extend(
+                block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(": "))
+                    .map(String::from),
+            );
+        }
+    }
+    let mut publisher = Client::connect(addr).await;
+    publisher.publish("beat", json!("still here")).await;
+    assert_eq!(seq(&sse.event().await), 1);
+}
+
+// ---- AUTO_CREATE and routes ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_create_off_refuses_unknown_topics_and_on_creates_them() {
+    let off = start(quiet()).await;
+    let mut client = Client::connect(off).await;
+    let (reply, _) = client
+        .request(json!({"type":"subscribe","topic":"a"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "TOPIC_NOT_FOUND");
+    let (reply, _) = client
+        .request(json!({"type":"publish","topic":"b","message":{"payload":1}}))
+        .await;
+    assert_eq!(reply["error"]["code"], "TOPIC_NOT_FOUND");
+    let rest = http(off, "POST", "/topics/c/messages", Some(r#"{"payload":1}"#)).await;
+    assert_eq!(rest.status, 404);
+    let (head, _) = Sse::open(off, "/topics/d/events", "").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert_eq!(health(off).await["topics"], 0);
+
+    let on = start(Config {
+        auto_create: true,
+        max_topics: 4,
+        ..quiet()
+    })
+    .await;
+    let mut client = Client::connect(on).await;
+    let (reply, _) = client
+        .request(json!({"type":"subscribe","topic":"a"}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let (reply, _) = client
+        .request(json!({"type":"publish","topic":"b","message":{"payload":1}}))
+        .await;
+    assert_eq!(reply["seq"], 1, "{reply}");
+    let rest = http(on, "POST", "/topics/c/messages", Some(r#"{"payload":1}"#)).await;
+    assert_eq!((rest.status, rest.body["seq"].as_u64()), (201, Some(1)));
+    let (_sse, subscribed) = Sse::subscribe(on, "/topics/d/events", "").await;
+    assert_eq!(subscribed["topic"], "d");
+    let topics = http(on, "GET", "/topics", None).await.body;
+    let names: Vec<&str> = topics["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    // Still within MAX_TOPICS, and names are still checked.
+    let (reply, _) = client
+        .request(json!({"type":"subscribe","topic":"e"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "LIMIT_EXCEEDED", "{reply}");
+    let (reply, _) = client
+        .request(json!({"type":"subscribe","topic":"b/c"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "BAD_REQUEST", "{reply}");
+    // Unsubscribing never creates.
+    let (reply, _) = client
+        .request(json!({"type":"unsubscribe","topic":"zz"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "TOPIC_NOT_FOUND", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_get_404_and_known_paths_with_the_wrong_method_405() {
+    let addr = start(quiet()).await;
+    create(addr, "t").await;
+    for path in [
+        "/nope",
+        "/topics/a/b/c/d",
+        "/topics/t/messages/x",
+        "/topics/t/other",
+        "/topics/t/events/",
+        "/ws/x",
+        "/health/x",
+        "/index.html",
+    ] {
+        for method in ["GET", "POST", "DELETE", "PUT"] {
+            let response = http(addr, method, path, None).await;
+            assert_eq!(response.status, 404, "{method} {path}");
+            assert_eq!(
+                response.body["error"]["code"], "NOT_FOUND",
+                "{method} {path}"
+            );
+        }
+    }
+    for (path, allowed) in [
+        ("/", "GET"),
+        ("/ws", "GET"),
+        ("/topics", "GET, POST"),
+        ("/topics/t", "DELETE"),
+        ("/topics/t/messages", "POST"),
+        ("/topics/t/events", "GET"),
+        ("/health", "GET"),
+        ("/stats", "GET"),
+    ] {
+        for method in ["GET", "POST", "DELETE", "PUT", "PATCH"] {
+            if allowed.split(", ").any(|m| m == method) {
+                continue;
+            }
+            let response = http(addr, method, path, None).await;
+            assert_eq!(response.status, 405, "{method} {path}");
+            assert_eq!(response.body["error"]["code"], "METHOD_NOT_ALLOWED");
+            let allow = format!("allow: {allowed}\r\n");
+            assert!(
+                response
+                    .head
+                    .to_ascii_lowercase()
+                    .contains(&allow.to_ascii_lowercase()),
+                "{method} {path}: {}",
+                response.head
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_one_self_contained_page_at_the_root() {
+    let addr = start(quiet()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{head}"
+    );
+    assert!(body.contains("<html") && body.contains("</html>"));
+    assert!(body.contains("/ws"), "it talks to /ws");
+    for external in [
+        "src=\"http",
+        "href=\"http",
+        "src='http",
+        "@import",
+        "url(http",
+    ] {
+        assert!(
+            !body.contains(external),
+            "no external resources: {external}"
+        );
+    }
 }
