@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -979,6 +979,10 @@ pub(crate) struct Event {
     /// subscriber: a WebSocket writes them as they are, an SSE stream frames the JSON.
     wire: Vec<u8>,
     start: usize,
+    /// Whether the JSON holds a line break, which only a publisher's whitespace can put
+    /// there: 0 not looked at yet, 1 no, 2 yes. Found by the first SSE writer that needs to
+    /// know (a line break starts another `data:` line), so WebSocket delivery never pays for it.
+    line_breaks: AtomicU8,
 }
 
 impl Event {
@@ -1002,6 +1006,7 @@ impl Event {
             seq: 0,
             wire,
             start: 0,
+            line_breaks: AtomicU8::new(0),
         })
     }
 
@@ -1025,6 +1030,17 @@ impl Event {
     /// The event JSON of the contract.
     fn text(&self) -> &[u8] {
         &self.wire[HEADER_ROOM..]
+    }
+
+    fn has_line_breaks(&self) -> bool {
+        match self.line_breaks.load(Ordering::Relaxed) {
+            0 => {
+                let found = self.text().iter().any(|b| matches!(b, b'\n' | b'\r'));
+                self.line_breaks.store(1 + found as u8, Ordering::Relaxed);
+                found
+            }
+            seen => seen == 2,
+        }
     }
 
     /// The replayed copy's JSON, in two parts: the live JSON up to its closing brace, then
@@ -3077,13 +3093,17 @@ struct SseWriter {
 
 impl SseWriter {
     /// Appends `event: <kind>` and `data:` lines holding `parts`, in order. A line break in
-    /// the JSON (whitespace a publisher put in its payload) starts another `data:` line,
-    /// which the client joins back with `\n`.
-    fn record(&mut self, kind: &str, parts: &[&[u8]]) {
+    /// the JSON (whitespace a publisher put in its payload; `breaks` says whether there may
+    /// be one) starts another `data:` line, which the client joins back with `\n`.
+    fn record(&mut self, kind: &str, parts: &[&[u8]], breaks: bool) {
         self.out.extend_from_slice(b"event: ");
         self.out.extend_from_slice(kind.as_bytes());
         self.out.extend_from_slice(b"\ndata: ");
         for part in parts {
+            if !breaks {
+                self.out.extend_from_slice(part);
+                continue;
+            }
             for (i, line) in part.split(|b| *b == b'\n' || *b == b'\r').enumerate() {
                 if i > 0 {
                     self.out.extend_from_slice(b"\ndata: ");
@@ -3098,25 +3118,25 @@ impl SseWriter {
     fn notice(&mut self, kind: &str, build: impl FnOnce(Json<'_>) -> Json<'_>) {
         let mut data = Vec::with_capacity(64);
         build(Json::object(&mut data)).end();
-        self.record(kind, &[&data]);
+        self.record(kind, &[&data], false);
     }
 
-    fn message(&mut self, seq: u64, parts: &[&[u8]]) {
+    fn message(&mut self, event: &Event, parts: &[&[u8]]) {
         self.out.extend_from_slice(b"id: ");
-        push_u64(&mut self.out, seq);
+        push_u64(&mut self.out, event.seq);
         self.out.push(b'\n');
-        self.record("message", parts);
+        self.record("message", parts, event.has_line_breaks());
     }
 }
 
 impl Writer for SseWriter {
     fn event(&mut self, event: &Event) {
-        self.message(event.seq, &[event.text()]);
+        self.message(event, &[event.text()]);
     }
 
     fn replayed(&mut self, event: &Event) {
         let (live, marker) = event.replay_parts();
-        self.message(event.seq, &[live, marker]);
+        self.message(event, &[live, marker]);
     }
 
     fn dropped(&mut self, count: u64) {
