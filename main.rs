@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,7 +31,7 @@ use dashmap::mapref::entry::Entry;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -121,6 +122,8 @@ pub(crate) struct Config {
     pub(crate) max_message_bytes: usize,
     /// Open TCP connections of any kind; beyond it new ones get 503.
     pub(crate) max_connections: usize,
+    /// Open TCP connections from one client address (0: no cap); beyond it new ones get 503.
+    pub(crate) max_connections_per_ip: usize,
     pub(crate) max_topics: usize,
     /// Topics one connection may be subscribed to at once.
     pub(crate) max_subscriptions: usize,
@@ -207,6 +210,12 @@ const SETTINGS: &[Setting] = &[
         apply: |c, v| number(v, 1, u32::MAX as u64).map(|n| c.max_connections = n as usize),
     },
     Setting {
+        name: "MAX_CONNECTIONS_PER_IP",
+        default: "0",
+        meaning: "open connections from one address (0 = no cap); beyond it 503",
+        apply: |c, v| number(v, 0, u32::MAX as u64).map(|n| c.max_connections_per_ip = n as usize),
+    },
+    Setting {
         name: "MAX_TOPICS",
         default: "10000",
         meaning: "topics; beyond it creating one gets 429",
@@ -269,6 +278,7 @@ impl Default for Config {
             replay_size: 0,
             max_message_bytes: 0,
             max_connections: 0,
+            max_connections_per_ip: 0,
             max_topics: 0,
             max_subscriptions: 0,
             heartbeat: Duration::ZERO,
@@ -458,13 +468,13 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let conn = Connection {
                         broker: Arc::clone(&broker),
                         stop: stop_rx.clone(),
                         _alive: alive_rx.clone(),
                     };
-                    tokio::spawn(conn.serve(stream));
+                    tokio::spawn(conn.serve(stream, peer.ip()));
                 }
                 Err(e) => {
                     // EMFILE and friends: the listener is fine, the process is momentarily full.
@@ -502,28 +512,61 @@ struct Connection {
     _alive: watch::Receiver<()>,
 }
 
-/// Counts an open TCP connection for `MAX_CONNECTIONS` and uncounts it on every exit path.
-struct SocketGuard(Arc<Broker>);
+/// Counts an open TCP connection for `MAX_CONNECTIONS` (and, when it is capped, for
+/// `MAX_CONNECTIONS_PER_IP`) and uncounts it on every exit path.
+struct SocketGuard {
+    broker: Arc<Broker>,
+    /// The client's address, when connections per address are counted.
+    ip: Option<IpAddr>,
+}
+
+impl SocketGuard {
+    /// Counts the connection, and says which limit it is over, if any.
+    fn admit(broker: &Arc<Broker>, ip: IpAddr) -> (SocketGuard, Option<&'static str>) {
+        let open = broker.open_sockets.fetch_add(1, Ordering::AcqRel) + 1;
+        let cap = broker.config.max_connections_per_ip;
+        let from_ip = (cap > 0).then(|| {
+            let mut count = broker.per_ip.entry(ip).or_insert(0);
+            *count += 1;
+            *count
+        });
+        let guard = SocketGuard {
+            broker: Arc::clone(broker),
+            ip: from_ip.map(|_| ip),
+        };
+        let over = if open > broker.config.max_connections {
+            Some("too many open connections")
+        } else if from_ip.is_some_and(|n| n > cap) {
+            Some("too many open connections from your address")
+        } else {
+            None
+        };
+        (guard, over)
+    }
+}
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
+        self.broker.open_sockets.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip
+            && let Entry::Occupied(mut count) = self.broker.per_ip.entry(ip)
+        {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
     }
 }
 
 impl Connection {
-    async fn serve(mut self, mut stream: TcpStream) {
+    async fn serve(mut self, mut stream: TcpStream, ip: IpAddr) {
         let broker = Arc::clone(&self.broker);
-        let open = broker.open_sockets.fetch_add(1, Ordering::AcqRel) + 1;
-        let _guard = SocketGuard(Arc::clone(&broker));
+        let (_guard, over) = SocketGuard::admit(&broker, ip);
         let _ = stream.set_nodelay(true);
-        if open > broker.config.max_connections {
-            let response = Response::error(503, "LIMIT_EXCEEDED", "too many open connections");
-            let _ = timeout(
-                Duration::from_secs(1),
-                response.closing().write(&mut stream),
-            )
-            .await;
+        if let Some(why) = over {
+            let response = Response::error(503, "LIMIT_EXCEEDED", why).closing();
+            let _ = response.write_within(&mut stream, 1).await;
             return;
         }
         let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -596,11 +639,12 @@ impl Connection {
             return Err(BodyError::TooLarge);
         }
         let len = len as usize;
+        // Room for what arrives, as it arrives: a length the client announces but never sends
+        // costs nothing up front.
         while buf.len() < len {
-            let have = buf.len();
-            buf.resize(len, 0);
-            match timeout_at(deadline, stream.read(&mut buf[have..])).await {
-                Ok(Ok(n)) if n > 0 => buf.truncate(have + n),
+            buf.reserve((len - buf.len()).min(16 * 1024));
+            match timeout_at(deadline, stream.read_buf(buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
                 _ => return Err(BodyError::Closed),
             }
         }
@@ -682,6 +726,9 @@ pub(crate) struct Broker {
     created: AtomicU64,
     /// Every open TCP connection, for `MAX_CONNECTIONS`.
     open_sockets: AtomicUsize,
+    /// Open TCP connections per client address, for `MAX_CONNECTIONS_PER_IP`; empty (and
+    /// never touched) when that is 0.
+    per_ip: DashMap<IpAddr, usize>,
     /// Open WebSocket and SSE connections, for `/health`.
     sessions: AtomicUsize,
     /// Source of connection ids (for logs and server-assigned message ids).
@@ -699,6 +746,7 @@ impl Broker {
             topic_count: AtomicUsize::new(0),
             created: AtomicU64::new(0),
             open_sockets: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
@@ -1372,10 +1420,14 @@ async fn read_head(
         let read = loop {
             tokio::select! {
                 read = timeout_at(until, stream.read(&mut buf[have..])) => break read,
-                // Shutdown: keep reading until the drain deadline, so that a request on this
-                // connection is answered 503, but no longer.
+                // Shutdown: an idle connection (no request begun) closes at once; one with a
+                // request under way may finish sending it, to be answered 503, until the
+                // drain deadline.
                 Ok(()) = stop.changed() => {
                     if let Some(stop_at) = *stop.borrow() {
+                        if have == 0 {
+                            return HeadRead::Closed;
+                        }
                         until = until.min(stop_at);
                     }
                 }
@@ -1498,11 +1550,12 @@ impl Response {
     }
 }
 
-/// Closing a socket that still has unread input makes the kernel send a reset, which can
-/// destroy the response before the client reads it (a 413 or 431 is answered with the
-/// client's bytes still arriving). So: send FIN, then read and discard what the peer is still
-/// sending, for a short bounded time, before the socket is dropped.
-async fn linger(stream: &mut TcpStream) {
+/// Every close the server starts ends here, HTTP and WebSocket alike. Closing a socket that
+/// still has unread input makes the kernel send a reset, which can destroy the last response
+/// or Close frame before the client reads it (a 413 or a 1009 is sent with the client's bytes
+/// still arriving). So: send FIN, then read and discard what the peer is still sending (its
+/// Close reply included), for a short bounded time, before the socket is dropped.
+async fn linger(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
     const LINGER_BYTES: usize = 1024 * 1024;
     const LINGER_TIME: Duration = Duration::from_millis(500);
     if stream.shutdown().await.is_err() {
@@ -2864,7 +2917,9 @@ impl Session {
             self.writer.write_out().await?;
             self.writer.ws.close(Some(frame)).await.map_err(End::from)
         };
-        let _ = timeout(Duration::from_secs(1), close).await;
+        if let Ok(Ok(())) = timeout(Duration::from_secs(1), close).await {
+            linger(self.writer.ws.get_mut()).await;
+        }
     }
 
     async fn serve(&mut self) -> End {
@@ -2944,10 +2999,12 @@ impl Session {
                 self.writer.error(None, reject("BAD_REQUEST", why));
                 Ok(())
             }
-            // tungstenite has queued the Close reply; send it and end, writing nothing after.
+            // tungstenite has queued the Close reply; send it (within the write deadline: a
+            // peer that sends Close but reads nothing must not hold the connection) and end,
+            // writing nothing after.
             Message::Close(_) => {
                 self.writer.out.clear();
-                self.writer.ws.flush().await?;
+                let _ = timeout(self.writer.stall, self.writer.ws.flush()).await;
                 Err(End::Closed)
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
@@ -3039,8 +3096,8 @@ impl Session {
         Ok(())
     }
 
-    /// Shutdown: `info`/`shutdown`, the queued events, Close 1001, then wait for the peer's
-    /// Close — all by the drain deadline.
+    /// Shutdown: `info`/`shutdown`, the queued events, Close 1001, then a lingering close
+    /// that reads the peer's Close — all by the drain deadline.
     async fn goodbye(&mut self) -> End {
         let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
         let farewell = async {
@@ -3056,11 +3113,7 @@ impl Session {
                 reason: Utf8Bytes::from_static("server shutting down"),
             };
             self.writer.ws.send(Message::Close(Some(frame))).await?;
-            while let Some(Ok(message)) = self.writer.ws.next().await {
-                if message.is_close() {
-                    break;
-                }
-            }
+            linger(self.writer.ws.get_mut()).await;
             Ok::<(), End>(())
         };
         let _ = timeout_at(deadline, farewell).await;
