@@ -642,7 +642,7 @@ impl Connection {
         // Room for what arrives, as it arrives: a length the client announces but never sends
         // costs nothing up front.
         while buf.len() < len {
-            buf.reserve((len - buf.len()).min(16 * 1024));
+            buf.reserve((len - buf.len()).min(4096));
             match timeout_at(deadline, stream.read_buf(buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return Err(BodyError::Closed),

@@ -3009,3 +3009,302 @@ async fn the_console_is_one_self_contained_page_at_the_root() {
         );
     }
 }
+
+// ---- holding the line under abuse ----
+
+/// A raw client frame with the FIN bit as given (a fragment when `fin` is false).
+fn fragment(opcode: u8, payload: &[u8], fin: bool) -> Vec<u8> {
+    let mut frame = client_frame(opcode, payload);
+    if !fin {
+        frame[0] &= 0x7f;
+    }
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fragmented_message_over_the_limit_gets_1009_not_a_reset_twenty_times_in_a_row() {
+    let addr = start(quiet()).await;
+    for attempt in 0..20 {
+        let stream = raw_websocket(addr).await;
+        let (mut read, mut write) = stream.into_split();
+        // 64 KiB is the limit; the client keeps sending fragments well past it while the
+        // server refuses, as a client that does not read until it is done would.
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b'x'; 16 * 1024];
+            let _ = write.write_all(&fragment(0x1, &chunk, false)).await;
+            for _ in 0..24 {
+                if write
+                    .write_all(&fragment(0x0, &chunk, false))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            write
+        });
+        let mut received = Vec::new();
+        let read_all = timeout(DEADLINE, read.read_to_end(&mut received)).await;
+        assert!(read_all.is_ok(), "attempt {attempt}: the server closes");
+        let code = close_code_in(&received)
+            .unwrap_or_else(|| panic!("attempt {attempt}: no Close frame ({read_all:?})"));
+        assert_eq!(code, 1009, "attempt {attempt}");
+        let _ = sender.await;
+    }
+    still_serves(addr).await;
+}
+
+/// The close code of the first Close frame in server bytes.
+fn close_code_in(received: &[u8]) -> Option<u16> {
+    let mut at = 0;
+    while at + 2 <= received.len() {
+        let (len, header) = match received[at + 1] & 0x7f {
+            126 => (
+                u16::from_be_bytes([received[at + 2], received[at + 3]]) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(received[at + 2..at + 10].try_into().ok()?) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        if received[at] & 0x0f == 0x8 {
+            return Some(u16::from_be_bytes([
+                *received.get(at + header)?,
+                *received.get(at + header + 1)?,
+            ]));
+        }
+        at += header + len;
+    }
+    None
+}
+
+/// Connects from `source` (any 127.x.y.z is this machine) to `addr`.
+async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Sends a request with a body the server will not read, and returns the whole response.
+async fn refused_with_unread_body(mut stream: TcpStream) -> Http {
+    let body = vec![b'x'; 256 * 1024];
+    let head = format!(
+        "POST /topics HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let _ = write.write_all(&body).await;
+        write
+    });
+    let mut response = Vec::new();
+    let _ = timeout(DEADLINE, read.read_to_end(&mut response)).await;
+    let _ = sender.await;
+    parse_response(&response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_per_address_are_capped_and_the_503_is_read_whole() {
+    let addr = start(Config {
+        max_connections_per_ip: 2,
+        ..quiet()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = Client::connect(addr).await;
+        assert_eq!(
+            client.request(json!({"type":"ping"})).await.0["type"],
+            "pong"
+        );
+        held.push(client);
+    }
+    // The third from the same address is refused — and reads its 503 whole, twenty times,
+    // though it is still sending a body the server never reads.
+    for attempt in 0..20 {
+        let response = refused_with_unread_body(connect_from("127.0.0.1", addr).await).await;
+        assert_eq!(response.status, 503, "attempt {attempt}");
+        assert_eq!(response.body["error"]["code"], "LIMIT_EXCEEDED");
+    }
+    // Another address is not affected.
+    let mut other = connect_from("127.0.0.2", addr).await;
+    other
+        .write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut other)
+            .await
+            .starts_with(b"HTTP/1.1 200")
+    );
+    // A freed slot is free again.
+    held.pop();
+    eventually("a slot frees up", || async move {
+        let mut stream = connect_from("127.0.0.1", addr).await;
+        let _ = stream
+            .write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await;
+        let response = read_until_closed(&mut stream).await;
+        match response.starts_with(b"HTTP/1.1 200") {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&response).into_owned()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_503_beyond_max_connections_is_read_whole() {
+    let addr = start(Config {
+        max_connections: 1,
+        ..quiet()
+    })
+    .await;
+    let mut held = Client::connect(addr).await;
+    assert_eq!(held.request(json!({"type":"ping"})).await.0["type"], "pong");
+    for attempt in 0..20 {
+        let response = refused_with_unread_body(TcpStream::connect(addr).await.unwrap()).await;
+        assert_eq!(response.status, 503, "attempt {attempt}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_keep_alive_connections_do_not_hold_shutdown() {
+    let mut server = Spawned::start(&[("SHUTDOWN_GRACE_MS", "20000")]);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut rest = TcpStream::connect(server.addr).await.unwrap();
+        rest.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = timeout(DEADLINE, rest.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(rest);
+    }
+    signal(&server.child, libc::SIGTERM);
+    // Nothing is in progress, so nothing uses the 20 s grace period.
+    let status = exit_status(&mut server.child, Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(0));
+    for mut rest in idle {
+        assert!(
+            read_until_closed(&mut rest).await.is_empty(),
+            "closed, unanswered"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ts_never_decreases_along_seq_under_four_concurrent_publishers() {
+    const EACH: usize = 3000;
+    let addr = start(Config {
+        queue_size: 4 * EACH,
+        ..quiet()
+    })
+    .await;
+    create(addr, "clock").await;
+    let mut subscriber = Client::connect(addr).await;
+    subscriber.subscribe("clock", 0).await;
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        publishers.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await;
+            for i in 0..EACH {
+                let message =
+                    json!({"type":"publish","topic":"clock","message":{"payload":[p, i]}});
+                client.send(message).await;
+            }
+            for _ in 0..EACH {
+                assert_eq!(client.recv().await["type"], "ack");
+            }
+        }));
+    }
+    let mut last: (u64, String) = (0, String::new());
+    for _ in 0..4 * EACH {
+        let event = subscriber.event().await;
+        let ts = event["ts"].as_str().unwrap().to_string();
+        assert_eq!(seq(&event), last.0 + 1);
+        assert!(
+            ts >= last.1,
+            "seq {} has ts {ts}, before {}",
+            seq(&event),
+            last.1
+        );
+        last = (seq(&event), ts);
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_floods_pings_then_sends_close_and_reads_nothing_is_dropped() {
+    let addr = start(Config {
+        heartbeat: Duration::from_millis(200),
+        ..quiet()
+    })
+    .await;
+    // A small receive buffer, never read: the server's Pongs back up quickly.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    counts_become(addr, 1, 0).await;
+    let ping = client_frame(0x9, &[b'p'; 125]);
+    let flood: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 2000)
+        .collect();
+    for _ in 0..100 {
+        if timeout(Duration::from_secs(2), stream.write_all(&flood))
+            .await
+            .is_err()
+        {
+            break; // the server has stopped reading us: that is fine too
+        }
+    }
+    let _ = timeout(
+        Duration::from_secs(2),
+        stream.write_all(&client_frame(0x8, &[0x03, 0xe8])),
+    )
+    .await;
+    // Then silence, reading nothing: within a few heartbeat intervals the server lets go.
+    counts_become(addr, 0, 0).await;
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_content_length_whose_body_never_arrives_costs_nothing_up_front() {
+    const CONNECTIONS: usize = 400;
+    let server = Spawned::start(&[("LOG_LEVEL", "error")]);
+    still_serves(server.addr).await;
+    let before = server.rss_kib();
+    let mut waiting = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream
+            .write_all(b"POST /topics HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n{")
+            .await
+            .unwrap();
+        waiting.push(stream);
+    }
+    // A last request with its whole body, answered after the others' heads have been read.
+    let probe = format!(r#"{{"name":"{}"}}"#, "x".repeat(65536 - 11));
+    let response = http(server.addr, "POST", "/topics", Some(&probe)).await;
+    assert_eq!(response.status, 400, "{}", response.body);
+    let grown = server.rss_kib().saturating_sub(before);
+    // Zero-filled up front, 400 × 64 KiB would be 25 MiB.
+    assert!(
+        grown < 8 * 1024,
+        "RSS grew {grown} KiB for {CONNECTIONS} bodies that never came"
+    );
+    drop(waiting);
+}
