@@ -16,7 +16,7 @@
 //! requests, answers them in order, and drains its queue into the socket with one write per batch.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::IpAddr;
@@ -821,9 +821,13 @@ pub(crate) struct Topic {
     /// resuming with `since_seq` learns that the `seq` it holds belongs to a deleted topic.
     epoch: String,
     shared: Arc<TopicShared>,
-    /// Outboxes of the current subscribers. Swapped whole (`rcu`) under the ordering lock;
-    /// readers such as `/stats` load a snapshot without taking the lock.
+    /// Outboxes of the subscribers, as of the last rebuild: swapped whole (`rcu`) under the
+    /// ordering lock. A small set is rebuilt on every change; a large one only once the
+    /// changes since (`TopicState::joined` and `left`) amount to a quarter of it, so that
+    /// subscribing and unsubscribing cost O(1) amortized however many subscribers there are.
     subscribers: ArcSwap<Vec<Arc<Outbox>>>,
+    /// How many subscribers there are, for `/stats` and `/health`, which read it without the lock.
+    subscriber_count: AtomicUsize,
     /// The ordering point: a std `Mutex`, not a tokio one, because nothing awaits while it is
     /// held. It is held only to assign `seq`, append to the ring and make the non-blocking
     /// queue pushes, so every subscriber sees one order (ascending `seq`) however many
@@ -845,6 +849,19 @@ struct TopicState {
     /// The last events, oldest first, with consecutive `seq`s ending at `next_seq - 1`.
     ring: VecDeque<Arc<Event>>,
     replay_size: usize,
+    /// Subscribers added since the last rebuild of a large set: delivered to after it.
+    joined: Vec<Arc<Outbox>>,
+    /// Subscribers removed since the last rebuild of a large set (outbox addresses; each is
+    /// still held in `subscribers` or `joined`, so no address is reused while it is here):
+    /// skipped on delivery. Empty nearly always, and then delivery does not look at it.
+    left: HashSet<usize>,
+}
+
+/// A set this small is copied on every change: cheaper than keeping `joined` and `left`.
+const SMALL_SET: usize = 64;
+
+fn address(outbox: &Arc<Outbox>) -> usize {
+    Arc::as_ptr(outbox) as usize
 }
 
 /// Which past events a subscriber asks for.
@@ -873,11 +890,14 @@ impl Topic {
                 dropped: AtomicU64::new(0),
             }),
             subscribers: ArcSwap::from_pointee(Vec::new()),
+            subscriber_count: AtomicUsize::new(0),
             state: Mutex::new(TopicState {
                 next_seq: 1,
                 last_ts: created,
                 ring: VecDeque::with_capacity(replay_size.min(1024)),
                 replay_size,
+                joined: Vec::new(),
+                left: HashSet::new(),
             }),
             deleted: AtomicBool::new(false),
         }
@@ -896,7 +916,7 @@ impl Topic {
     }
 
     fn subscriber_count(&self) -> usize {
-        self.subscribers.load().len()
+        self.subscriber_count.load(Ordering::Acquire)
     }
 
     fn published(&self) -> u64 {
@@ -926,8 +946,17 @@ impl Topic {
             }
             state.ring.push_back(Arc::clone(&event));
         }
-        for outbox in self.subscribers.load().iter() {
-            outbox.push(&event);
+        let subscribers = self.subscribers.load();
+        if state.left.is_empty() {
+            for outbox in subscribers.iter().chain(&state.joined) {
+                outbox.push(&event);
+            }
+        } else {
+            for outbox in subscribers.iter().chain(&state.joined) {
+                if !state.left.contains(&address(outbox)) {
+                    outbox.push(&event);
+                }
+            }
         }
         drop(state);
         drop(evicted);
@@ -936,16 +965,19 @@ impl Topic {
 
     /// Registers `outbox` and reads the replay it asked for, at the ordering point.
     fn subscribe(&self, outbox: &Arc<Outbox>, replay: Replay) -> Option<Backlog> {
-        let state = self.lock();
+        let mut state = self.lock();
         if self.is_deleted() {
             return None;
         }
-        self.subscribers.rcu(|current| {
-            let mut next = Vec::with_capacity(current.len() + 1);
-            next.extend(current.iter().cloned());
-            next.push(Arc::clone(outbox));
-            next
-        });
+        // Back before a rebuild: its old entry is still there, and simply counts again.
+        if !state.left.remove(&address(outbox)) {
+            let current = self.subscribers.load().len() + state.joined.len();
+            state.joined.push(Arc::clone(outbox));
+            if current < SMALL_SET || state.joined.len() > current / 4 {
+                self.rebuild(&mut state);
+            }
+        }
+        self.subscriber_count.fetch_add(1, Ordering::AcqRel);
         let ring = &state.ring;
         let (skip, missed) = match replay {
             Replay::Last(n) => (ring.len().saturating_sub(n), 0),
@@ -960,12 +992,30 @@ impl Topic {
         Some(Backlog { events, missed })
     }
 
+    /// Removes a subscriber (a no-op once the topic is deleted: `close` took them all).
     fn unsubscribe(&self, outbox: &Arc<Outbox>) {
-        let _state = self.lock();
+        let mut state = self.lock();
+        if self.is_deleted() {
+            return;
+        }
+        state.left.insert(address(outbox));
+        let held = self.subscribers.load().len() + state.joined.len();
+        if held <= SMALL_SET || state.left.len() > held / 4 {
+            self.rebuild(&mut state);
+        }
+        self.subscriber_count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Folds `joined` and `left` into a new snapshot. Called under the ordering lock, after
+    /// changes numbering a quarter of the set (or any change to a small one): O(1) amortized.
+    fn rebuild(&self, state: &mut TopicState) {
+        let joined = std::mem::take(&mut state.joined);
+        let left = std::mem::take(&mut state.left);
         self.subscribers.rcu(|current| {
             current
                 .iter()
-                .filter(|o| !Arc::ptr_eq(o, outbox))
+                .chain(&joined)
+                .filter(|outbox| !left.contains(&address(outbox)))
                 .cloned()
                 .collect::<Vec<_>>()
         });
@@ -977,7 +1027,9 @@ impl Topic {
         let mut state = self.lock();
         self.deleted.store(true, Ordering::Release);
         state.ring.clear();
+        self.rebuild(&mut state);
         let subscribers = self.subscribers.swap(Arc::new(Vec::new()));
+        self.subscriber_count.store(0, Ordering::Release);
         drop(state);
         subscribers.iter().cloned().collect()
     }

@@ -3308,3 +3308,61 @@ async fn a_content_length_whose_body_never_arrives_costs_nothing_up_front() {
     );
     drop(waiting);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mass_disconnect_stalls_no_one_else() {
+    const CONNECTIONS: usize = 1500;
+    const TOPICS: usize = 200;
+    let server = Spawned::start(&[("LOG_LEVEL", "error")]);
+    let addr = server.addr;
+    for t in 0..TOPICS {
+        create(addr, &format!("m{t}")).await;
+    }
+    create(addr, "honest").await;
+    // 1,500 connections on the same 200 topics: 1,500 subscribers each, 300,000 subscriptions.
+    let subscribe_all: Vec<u8> = (0..TOPICS)
+        .flat_map(|t| {
+            client_frame(
+                0x1,
+                format!(r#"{{"type":"subscribe","topic":"m{t}"}}"#).as_bytes(),
+            )
+        })
+        .collect();
+    let mut crowd = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = raw_websocket(addr).await;
+        stream.write_all(&subscribe_all).await.unwrap();
+        crowd.push(stream);
+    }
+    let all = (CONNECTIONS * TOPICS) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while health(addr).await["subscribers"] != all {
+        assert!(Instant::now() < deadline, "the crowd subscribes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut subscriber = Client::connect(addr).await;
+    subscriber.subscribe("honest", 0).await;
+    let mut publisher = Client::connect(addr).await;
+
+    // Everyone leaves at once; meanwhile an honest client's requests keep their pace.
+    drop(crowd);
+    let mut rounds = 0;
+    loop {
+        let round_trip = async {
+            let published = publisher.publish("honest", json!(rounds)).await;
+            assert_eq!(seq(&subscriber.event().await), published);
+        };
+        timeout(Duration::from_secs(1), round_trip)
+            .await
+            .expect("a publish reaches its subscriber within a second");
+        let health = timeout(Duration::from_secs(1), health(addr))
+            .await
+            .expect("/health answers within a second");
+        rounds += 1;
+        if health["subscribers"] == 1 {
+            break;
+        }
+        assert!(rounds < 100_000, "the crowd's subscriptions go away");
+    }
+    assert_eq!(health(addr).await["connections"], 2);
+}
