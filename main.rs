@@ -16,7 +16,8 @@
 //! requests, answers them in order, and drains its queue into the socket with one write per batch.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::IpAddr;
@@ -133,6 +134,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_grace: Duration,
     /// Subscribing or publishing to an unknown (valid) topic creates it.
     pub(crate) auto_create: bool,
+    /// Bytes the broker may hold on clients' behalf, all together (see `Budget`).
+    pub(crate) memory_limit: usize,
     /// Deadline for a whole request head, from the connection's start or the previous
     /// response. Not a setting: it exists so tests can shrink it.
     pub(crate) head_timeout: Duration,
@@ -210,6 +213,12 @@ const SETTINGS: &[Setting] = &[
         apply: |c, v| number(v, 1, u32::MAX as u64).map(|n| c.max_connections = n as usize),
     },
     Setting {
+        name: "MEMORY_LIMIT",
+        default: "1073741824",
+        meaning: "bytes the broker may hold for clients, all together (1 GiB)",
+        apply: |c, v| number(v, 65_536, 1 << 48).map(|n| c.memory_limit = n as usize),
+    },
+    Setting {
         name: "MAX_CONNECTIONS_PER_IP",
         default: "0",
         meaning: "open connections from one address (0 = no cap); beyond it 503",
@@ -284,6 +293,7 @@ impl Default for Config {
             heartbeat: Duration::ZERO,
             shutdown_grace: Duration::ZERO,
             auto_create: false,
+            memory_limit: 0,
             head_timeout: Duration::from_secs(10),
         };
         for setting in SETTINGS {
@@ -571,6 +581,8 @@ impl Connection {
         }
         let mut buf: Vec<u8> = Vec::with_capacity(1024);
         let mut deadline = Instant::now() + broker.config.head_timeout;
+        // The request buffer's share of the budget: a body being read is unread input.
+        let mut held = Charged::new(&broker.budget, buf.capacity());
         loop {
             let stop_deadline = *self.stop.borrow();
             let read_until = stop_deadline.map_or(deadline, |d| d.min(deadline));
@@ -596,11 +608,11 @@ impl Connection {
                 return self.upgrade(stream, request, buf).await;
             }
             let keep_alive = request.keep_alive();
-            let body = match self
-                .read_body(&mut stream, &mut buf, &request, deadline)
+            let body_len = match self
+                .read_body(&mut stream, &mut buf, &mut held, &request, deadline)
                 .await
             {
-                Ok(body) => body,
+                Ok(len) => len,
                 Err(BodyError::TooLarge) => {
                     let message =
                         format!("body larger than {} bytes", broker.config.max_message_bytes);
@@ -610,13 +622,23 @@ impl Connection {
                 }
                 Err(BodyError::Closed) => return,
             };
-            let response = match rest(&broker, &request, &body) {
+            let answer = rest(&broker, &request, &buf[..body_len]);
+            // Idle is idle: the body's room goes back once it has been handled.
+            buf.drain(..body_len);
+            if buf.capacity() > 4096 {
+                buf.shrink_to(1024);
+            }
+            held.track(buf.capacity());
+            let response = match answer {
                 Answer::Respond(response) if keep_alive => response,
                 Answer::Respond(response) => response.closing(),
                 Answer::Stream(name, replay) => {
+                    drop(held);
                     return Box::pin(SseStream::serve(self, stream, name, replay)).await;
                 }
             };
+            // Unsent output: a big /stats read slowly is held until it is written.
+            let _unsent = Charged::new(&broker.budget, response.body.len());
             let close = response.close;
             if response.write_within(&mut stream, 10).await.is_err() || close {
                 return;
@@ -625,15 +647,16 @@ impl Connection {
         }
     }
 
-    /// Reads exactly `Content-Length` bytes of body, some of which may already be in `buf`.
-    /// The limit is checked before anything is allocated or read.
+    /// Reads the `Content-Length` bytes of body into `buf` (some may already be there), and
+    /// returns their length. The limit is checked before anything is allocated or read.
     async fn read_body(
         &self,
         stream: &mut TcpStream,
         buf: &mut Vec<u8>,
+        held: &mut Charged,
         request: &Request,
         deadline: Instant,
-    ) -> Result<Vec<u8>, BodyError> {
+    ) -> Result<usize, BodyError> {
         let len = request.content_length.unwrap_or(0);
         if len > self.broker.config.max_message_bytes as u64 {
             return Err(BodyError::TooLarge);
@@ -643,12 +666,13 @@ impl Connection {
         // costs nothing up front.
         while buf.len() < len {
             buf.reserve((len - buf.len()).min(4096));
+            held.track(buf.capacity());
             match timeout_at(deadline, stream.read_buf(buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return Err(BodyError::Closed),
             }
         }
-        Ok(buf.drain(..len).collect())
+        Ok(len)
     }
 
     /// Completes the WebSocket handshake ourselves (the head is already parsed), then hands
@@ -733,6 +757,12 @@ pub(crate) struct Broker {
     sessions: AtomicUsize,
     /// Source of connection ids (for logs and server-assigned message ids).
     next_id: AtomicU64,
+    /// What the broker holds for clients, against `MEMORY_LIMIT`.
+    budget: Arc<Budget>,
+    /// Every connection's outbox, so shedding can reach the queues of slow subscribers.
+    outboxes: DashMap<u64, Arc<Outbox>>,
+    /// One shedder at a time.
+    shedding: Mutex<()>,
     started: Instant,
     /// Set when shutdown begins: REST answers 503 from then on.
     stopping: AtomicBool,
@@ -741,7 +771,6 @@ pub(crate) struct Broker {
 impl Broker {
     fn new(config: Config) -> Broker {
         Broker {
-            config,
             topics: DashMap::new(),
             topic_count: AtomicUsize::new(0),
             created: AtomicU64::new(0),
@@ -749,8 +778,15 @@ impl Broker {
             per_ip: DashMap::new(),
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            budget: Arc::new(Budget {
+                used: AtomicUsize::new(0),
+                limit: config.memory_limit,
+            }),
+            outboxes: DashMap::new(),
+            shedding: Mutex::new(()),
             started: Instant::now(),
             stopping: AtomicBool::new(false),
+            config,
         }
     }
 
@@ -782,7 +818,8 @@ impl Broker {
                     return Err(Created::Full);
                 }
                 let n = self.created.fetch_add(1, Ordering::Relaxed) + 1;
-                let topic = Arc::new(Topic::new(name, n, self.config.replay_size));
+                let budget = Arc::clone(&self.budget);
+                let topic = Arc::new(Topic::new(name, n, self.config.replay_size, budget));
                 slot.insert(Arc::clone(&topic));
                 Ok(topic)
             }
@@ -813,6 +850,8 @@ enum Created {
 /// drop counter, which an evicted event must find after the topic itself may be gone.
 pub(crate) struct TopicShared {
     dropped: AtomicU64,
+    /// Where the topic's events are counted while they live.
+    budget: Arc<Budget>,
 }
 
 pub(crate) struct Topic {
@@ -881,13 +920,14 @@ struct Backlog {
 }
 
 impl Topic {
-    fn new(name: &str, incarnation: u64, replay_size: usize) -> Topic {
+    fn new(name: &str, incarnation: u64, replay_size: usize, budget: Arc<Budget>) -> Topic {
         let created = Timestamp::now();
         Topic {
             name: name.to_string(),
             epoch: format!("{}.{incarnation}", created.millis),
             shared: Arc::new(TopicShared {
                 dropped: AtomicU64::new(0),
+                budget,
             }),
             subscribers: ArcSwap::from_pointee(Vec::new()),
             subscriber_count: AtomicUsize::new(0),
@@ -992,6 +1032,22 @@ impl Topic {
         Some(Backlog { events, missed })
     }
 
+    /// When the oldest event of the replay ring was accepted (ms), if it holds any.
+    fn oldest_retained(&self) -> Option<u64> {
+        self.lock().ring.front().map(|event| event.millis)
+    }
+
+    /// Sheds the oldest replay entry; returns when the next oldest was accepted. A later
+    /// `last_n` returns fewer events, and `since_seq` counts the shed ones as `missed`.
+    fn shed_oldest(&self) -> Option<u64> {
+        let mut state = self.lock();
+        let shed = state.ring.pop_front();
+        let next = state.ring.front().map(|event| event.millis);
+        drop(state);
+        drop(shed);
+        next
+    }
+
     /// Removes a subscriber (a no-op once the topic is deleted: `close` took them all).
     fn unsubscribe(&self, outbox: &Arc<Outbox>) {
         let mut state = self.lock();
@@ -1074,6 +1130,8 @@ pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
 pub(crate) struct Event {
     topic: Arc<TopicShared>,
     seq: u64,
+    /// `ts` in milliseconds, so shedding can find the oldest replay entries across topics.
+    millis: u64,
     /// The whole WebSocket frame from `start` on: header, then the `event` JSON from
     /// `HEADER_ROOM` on. Server frames are unmasked, so these bytes are the same for every
     /// subscriber: a WebSocket writes them as they are, an SSE stream frames the JSON.
@@ -1093,7 +1151,7 @@ impl Event {
             MessageId::Given(raw) => raw.len(),
             MessageId::Assigned(..) => 42,
         };
-        let mut wire = Vec::with_capacity(HEADER_ROOM + 120 + name.len() + id_len + payload.len());
+        let mut wire = Vec::with_capacity(event_capacity(name, id_len, payload));
         wire.extend_from_slice(&[0; HEADER_ROOM]);
         Json::message(&mut wire, "event")
             .str("topic", name)
@@ -1101,13 +1159,16 @@ impl Event {
             .id("id", id)
             .raw("payload", payload.as_bytes())
             .close();
-        Arc::new(Event {
+        let event = Arc::new(Event {
             topic: Arc::clone(topic),
             seq: 0,
+            millis: 0,
             wire,
             start: 0,
             line_breaks: AtomicU8::new(0),
-        })
+        });
+        topic.budget.charge(event.bytes());
+        event
     }
 
     /// Completes a draft at the ordering point: `seq`, `ts` and the frame header. The
@@ -1116,6 +1177,7 @@ impl Event {
     fn seal(event: &mut Arc<Event>, seq: u64, ts: Timestamp) -> Option<()> {
         let fresh = Arc::get_mut(event)?;
         fresh.seq = seq;
+        fresh.millis = ts.millis;
         Json::resume(&mut fresh.wire).num("seq", seq).ts(ts).end();
         let (header, len) = frame_header(OPCODE_TEXT, fresh.wire.len() - HEADER_ROOM);
         fresh.start = HEADER_ROOM - len;
@@ -1125,6 +1187,16 @@ impl Event {
 
     fn frame(&self) -> &[u8] {
         &self.wire[self.start..]
+    }
+
+    /// What the budget counts for this event, from its draft until its last holder drops it.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Event>() + self.wire.capacity()
+    }
+
+    /// An upper bound of `bytes` for a draft not yet made.
+    fn estimate(name: &str, id: Option<&str>, payload: &str) -> usize {
+        std::mem::size_of::<Event>() + event_capacity(name, id.map_or(42, str::len), payload)
     }
 
     /// The event JSON of the contract.
@@ -1149,6 +1221,18 @@ impl Event {
         let live = self.text();
         (&live[..live.len() - 1], br#","replay":true}"#)
     }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        self.topic.budget.release(self.bytes());
+    }
+}
+
+/// The bytes an event's frame needs: the JSON around `name`, the id and the payload, with
+/// room for the frame header, `seq` and `ts` (an assigned id is at most 42 bytes).
+fn event_capacity(name: &str, id_len: usize, payload: &str) -> usize {
+    HEADER_ROOM + 120 + name.len() + id_len + payload.len()
 }
 
 /// What publishers hand to one connection: a bounded queue of events with drop-oldest, and
@@ -1181,6 +1265,18 @@ impl Outbox {
             deleted: Mutex::new(Vec::new()),
             has_deleted: AtomicBool::new(false),
         }
+    }
+
+    /// Sheds the oldest queued event, counted and told like a drop-oldest eviction; false
+    /// when the queue is empty.
+    fn shed_oldest(&self) -> bool {
+        let Some(event) = self.queue.pop() else {
+            return false;
+        };
+        self.dropped.fetch_add(1, Ordering::AcqRel);
+        event.topic.dropped.fetch_add(1, Ordering::Relaxed);
+        self.wake();
+        true
     }
 
     fn push(&self, event: &Arc<Event>) {
@@ -1272,6 +1368,7 @@ impl Publisher {
             Some(topic) => topic,
             None => broker.find_topic(name)?,
         };
+        broker.make_room(Event::estimate(name, id, payload))?;
         let id = match id {
             Some(raw) => MessageId::Given(raw),
             None => {
@@ -1284,6 +1381,123 @@ impl Publisher {
             .ok_or_else(|| topic_not_found(name))?;
         self.last = Some(topic);
         Ok(Published { id, seq, ts })
+    }
+}
+
+// ---- the memory budget ----
+
+/// Bytes held on clients' behalf, against `MEMORY_LIMIT`: events (counted once, however many
+/// rings and queues hold them), request bodies being read, and output not yet written (REST
+/// responses included). One counter, changed when an event is drafted and when its last
+/// holder drops it, and when a buffer changes size — never per delivery.
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    fn charge(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn has_room(&self, bytes: usize) -> bool {
+        self.used().saturating_add(bytes) <= self.limit
+    }
+}
+
+/// The budget's share of one buffer, kept equal to the buffer's capacity by `track` and
+/// given back when dropped.
+struct Charged {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Charged {
+    fn new(budget: &Arc<Budget>, bytes: usize) -> Charged {
+        budget.charge(bytes);
+        Charged {
+            budget: Arc::clone(budget),
+            bytes,
+        }
+    }
+
+    fn track(&mut self, bytes: usize) {
+        if bytes > self.bytes {
+            self.budget.charge(bytes - self.bytes);
+        } else {
+            self.budget.release(self.bytes - bytes);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+impl Broker {
+    /// Makes room for `bytes` more, shedding if the budget is full; refuses only when
+    /// nothing is left to shed.
+    fn make_room(&self, bytes: usize) -> Result<(), Reject> {
+        if self.budget.has_room(bytes) {
+            return Ok(());
+        }
+        self.shed(bytes);
+        if self.budget.has_room(bytes) {
+            return Ok(());
+        }
+        let message = "memory limit reached and nothing left to shed; try again later";
+        Err(reject("LIMIT_EXCEEDED", message))
+    }
+
+    /// Frees memory in the order the contract gives: the oldest replay entries across all
+    /// topics, then the oldest queued events of the subscribers with the longest queues
+    /// (counted as drops, and told as any drop). It sheds a sixteenth of the limit below what
+    /// is needed, so that a flood at the limit does not shed on every publish. Rare, and so
+    /// allowed to take each topic's lock in turn.
+    fn shed(&self, need: usize) {
+        let _one = self
+            .shedding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let target = (self.budget.limit / 16 * 15).saturating_sub(need);
+        if self.budget.used() <= target {
+            return; // another shedder just did it
+        }
+        // Replay entries, oldest first: a heap of each topic's oldest entry.
+        let topics: Vec<Arc<Topic>> = self.topics.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut oldest: BinaryHeap<Reverse<(u64, usize)>> = topics
+            .iter()
+            .enumerate()
+            .filter_map(|(i, topic)| Some(Reverse((topic.oldest_retained()?, i))))
+            .collect();
+        while self.budget.used() > target
+            && let Some(Reverse((_, i))) = oldest.pop()
+        {
+            if let Some(next) = topics[i].shed_oldest() {
+                oldest.push(Reverse((next, i)));
+            }
+        }
+        // Then queued events, from the longest queues, one from each in turn.
+        let mut queues: Vec<Arc<Outbox>> = self
+            .outboxes
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        queues.sort_by_key(|outbox| std::cmp::Reverse(outbox.queue.len()));
+        while self.budget.used() > target && !queues.is_empty() {
+            queues.retain(|outbox| outbox.shed_oldest());
+        }
     }
 }
 
@@ -1582,9 +1796,14 @@ impl Response {
         } else {
             "\r\n"
         });
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(&self.body);
-        stream.write_all(&bytes).await?;
+        if self.body.len() <= 4096 {
+            head.push_str(&String::from_utf8_lossy(&self.body));
+            stream.write_all(head.as_bytes()).await?;
+        } else {
+            // A big body is written from where it is, not copied behind the head.
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&self.body).await?;
+        }
         stream.flush().await
     }
 
@@ -1797,6 +2016,9 @@ fn publish_message(broker: &Broker, name: &str, body: &[u8]) -> Response {
                 .ts(published.ts)
                 .end()
         }),
+        Err(e) if e.code == "LIMIT_EXCEEDED" && e.message.starts_with("memory") => {
+            Response::error(503, e.code, &e.message)
+        }
         Err(e) => Response::reject(e),
     }
 }
@@ -1868,6 +2090,8 @@ fn health(broker: &Broker) -> Response {
                 "connections",
                 broker.sessions.load(Ordering::Acquire) as u64,
             )
+            .num("memory_bytes", broker.budget.used() as u64)
+            .num("memory_limit", broker.budget.limit as u64)
             .end()
     })
 }
@@ -2484,6 +2708,7 @@ impl Drop for Subscriptions {
         for topic in self.topics.values() {
             topic.unsubscribe(&self.outbox);
         }
+        self.broker.outboxes.remove(&self.id);
         self.broker.sessions.fetch_sub(1, Ordering::AcqRel);
         log!(self.broker, Level::Debug, "connection {} closed", self.id);
     }
@@ -2494,8 +2719,10 @@ impl Subscriptions {
         broker.sessions.fetch_add(1, Ordering::AcqRel);
         let id = broker.next_id.fetch_add(1, Ordering::Relaxed);
         log!(broker, Level::Debug, "connection {id} opened");
+        let outbox = Arc::new(Outbox::new(broker.config.queue_size));
+        broker.outboxes.insert(id, Arc::clone(&outbox));
         Subscriptions {
-            outbox: Arc::new(Outbox::new(broker.config.queue_size)),
+            outbox,
             broker,
             id,
             topics: HashMap::new(),
@@ -2828,9 +3055,21 @@ struct WsWriter {
     scratch: Vec<u8>,
     /// How long one write may wait for the socket before the peer is given up on.
     stall: Duration,
+    /// The budget's share of `out` and `scratch`.
+    charged: Charged,
 }
 
 impl WsWriter {
+    /// After a burst, between heartbeats: the buffers go back to nothing, so an idle
+    /// connection costs the same after a burst as before it.
+    fn shrink(&mut self) {
+        if self.out.is_empty() {
+            self.out = Vec::new();
+        }
+        self.scratch = Vec::new();
+        self.charged.track(self.out.capacity());
+    }
+
     /// Appends one frame whose payload is `parts`, in order.
     fn frame(&mut self, opcode: u8, parts: &[&[u8]]) {
         let len = parts.iter().map(|part| part.len()).sum();
@@ -2896,6 +3135,8 @@ impl Writer for WsWriter {
             }
             Ok::<(), std::io::Error>(())
         };
+        self.charged
+            .track(self.out.capacity() + self.scratch.capacity());
         match timeout(self.stall, write).await {
             Ok(result) => result?,
             Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
@@ -2904,6 +3145,8 @@ impl Writer for WsWriter {
         if self.out.capacity() > 2 * OUT_CHUNK {
             self.out.shrink_to(OUT_CHUNK);
         }
+        self.charged
+            .track(self.out.capacity() + self.scratch.capacity());
         Ok(())
     }
 }
@@ -2927,6 +3170,7 @@ impl Session {
             out: Vec::new(),
             scratch: Vec::new(),
             stall: write_deadline(&broker.config),
+            charged: Charged::new(&broker.budget, 0),
         };
         let heartbeat = Heartbeat::new(broker.config.heartbeat, true);
         let subscriptions = Subscriptions::new(broker);
@@ -2992,6 +3236,7 @@ impl Session {
                 _ = self.stop.changed() => return Box::pin(self.goodbye()).await,
                 beat = self.heartbeat.tick() => match beat {
                     Beat::Ping => {
+                        self.writer.shrink();
                         self.writer.frame(OPCODE_PING, &[]);
                         self.writer.message("info", Timestamp::now(), |json| json.str("msg", "ping"));
                         continue;
@@ -3194,6 +3439,8 @@ struct SseWriter {
     stall: Duration,
     /// The topic was deleted: its notice is the stream's last record.
     ended: bool,
+    /// The budget's share of `out`.
+    charged: Charged,
 }
 
 impl SseWriter {
@@ -3258,6 +3505,7 @@ impl Writer for SseWriter {
     }
 
     async fn write_out(&mut self) -> std::io::Result<()> {
+        self.charged.track(self.out.capacity());
         if !self.out.is_empty() {
             match timeout(self.stall, self.stream.write_all(&self.out)).await {
                 Ok(result) => result?,
@@ -3268,6 +3516,7 @@ impl Writer for SseWriter {
         if self.out.capacity() > 2 * OUT_CHUNK {
             self.out.shrink_to(OUT_CHUNK);
         }
+        self.charged.track(self.out.capacity());
         Ok(())
     }
 }
@@ -3296,6 +3545,7 @@ impl SseStream {
                 out: Vec::new(),
                 stall: write_deadline(&broker.config),
                 ended: false,
+                charged: Charged::new(&broker.budget, 0),
             },
             heartbeat: Heartbeat::new(broker.config.heartbeat, false),
             subscriptions: Subscriptions::new(broker),
@@ -3355,6 +3605,9 @@ impl SseStream {
                 _ = self.stop.changed() => return self.goodbye().await,
                 beat = self.heartbeat.tick() => {
                     if let Beat::Ping = beat {
+                        if self.writer.out.is_empty() {
+                            self.writer.out = Vec::new();
+                        }
                         self.writer.out.extend_from_slice(b": ping\n\n");
                     }
                 }

@@ -3366,3 +3366,155 @@ async fn a_mass_disconnect_stalls_no_one_else() {
     }
     assert_eq!(health(addr).await["connections"], 2);
 }
+
+// ---- the memory budget ----
+
+/// RSS beyond `MEMORY_LIMIT` that a server may use whatever clients do: the runtime and
+/// allocator slack, and a few KiB per connection (the tests below open a dozen).
+const MEMORY_OVERHEAD_KIB: u64 = 24 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_memory_budget_holds_while_rings_and_never_reading_queues_fill_far_past_it() {
+    const LIMIT: u64 = 32 * 1024 * 1024;
+    const TOPICS: usize = 200;
+    const EACH: u64 = 40;
+    let limit = LIMIT.to_string();
+    let server = Spawned::start(&[("LOG_LEVEL", "error"), ("MEMORY_LIMIT", &limit)]);
+    let addr = server.addr;
+    for t in 0..TOPICS {
+        create(addr, &format!("big{t}")).await;
+    }
+    let baseline = server.rss_kib();
+    // Eight subscribers of every topic that never read a byte: their queues fill.
+    let subscribe_all: Vec<u8> = (0..TOPICS)
+        .flat_map(|t| {
+            client_frame(
+                0x1,
+                format!(r#"{{"type":"subscribe","topic":"big{t}"}}"#).as_bytes(),
+            )
+        })
+        .collect();
+    let mut deaf = Vec::new();
+    for _ in 0..8 {
+        let mut stream = raw_websocket(addr).await;
+        stream.write_all(&subscribe_all).await.unwrap();
+        deaf.push(stream);
+    }
+    counts_become(addr, 8, 8 * TOPICS as u64).await;
+
+    // 8,000 publishes of 30 KiB: 240 MiB of events, 7.5 times the limit, and every one acked.
+    let filler = "x".repeat(30 * 1024);
+    let mut publisher = Client::connect(addr).await;
+    let mut peak = 0;
+    for round in 0..EACH {
+        for t in 0..TOPICS {
+            let message = json!({"type":"publish","topic":format!("big{t}"),"message":{"payload":{"round":round,"fill":filler}}});
+            publisher.send(message).await;
+        }
+        for _ in 0..TOPICS {
+            let ack = publisher.recv().await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        peak = peak.max(server.rss_kib());
+        let counted = health(addr).await["memory_bytes"].as_u64().unwrap();
+        assert!(counted <= LIMIT, "the budget counts {counted} > {LIMIT}");
+    }
+    let grown = peak.saturating_sub(baseline);
+    println!(
+        "peak RSS {peak} KiB, {grown} KiB over the baseline, limit {} KiB",
+        LIMIT / 1024
+    );
+    assert!(
+        grown <= LIMIT / 1024 + MEMORY_OVERHEAD_KIB,
+        "RSS grew {grown} KiB: more than the limit plus {MEMORY_OVERHEAD_KIB} KiB"
+    );
+
+    // What the rings kept is a gap-free suffix of each topic.
+    let mut reader = Client::connect(addr).await;
+    for t in [0, TOPICS / 2, TOPICS - 1] {
+        let topic = format!("big{t}");
+        let ack = reader.subscribe_ack(&topic, json!({"last_n": 100})).await;
+        let replayed = ack["replayed"].as_u64().unwrap();
+        assert!(
+            replayed < EACH,
+            "{topic}: the ring was shed ({replayed} left)"
+        );
+        let mut seqs = Vec::new();
+        for _ in 0..replayed {
+            seqs.push(seq(&reader.event().await));
+        }
+        let suffix: Vec<u64> = (EACH - replayed + 1..=EACH).collect();
+        assert_eq!(seqs, suffix, "{topic}");
+        // since_seq counts what was shed as missed.
+        let mut resumed = Client::connect(addr).await;
+        let ack = resumed.subscribe_ack(&topic, json!({"since_seq": 0})).await;
+        assert_eq!(
+            ack["missed"].as_u64().unwrap_or(0) + ack["replayed"].as_u64().unwrap(),
+            EACH
+        );
+    }
+    drop(deaf);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_that_cannot_be_retained_is_refused_explicitly() {
+    let addr = start(Config {
+        memory_limit: 256 * 1024,
+        ..quiet()
+    })
+    .await;
+    create(addr, "t").await;
+    let mut client = Client::connect(addr).await;
+    assert_eq!(client.publish("t", json!("fits")).await, 1);
+    // Five uploads that stop short of their announced length: unread input the broker holds
+    // and cannot shed.
+    let mut uploads = Vec::new();
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = "POST /topics HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; 60 * 1024]).await.unwrap();
+        uploads.push(stream);
+    }
+    eventually("the uploads are held", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if used >= 5 * 60 * 1024 {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    let payload = json!({"fill": "y".repeat(8 * 1024)});
+    let (reply, _) = client
+        .request(json!({"type":"publish","topic":"t","message":{"payload":payload}}))
+        .await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["error"]["code"], "LIMIT_EXCEEDED", "{reply}");
+    let body = json!({"payload": payload}).to_string();
+    let rest = http(addr, "POST", "/topics/t/messages", Some(&body)).await;
+    assert_eq!(
+        (rest.status, rest.body["error"]["code"].as_str()),
+        (503, Some("LIMIT_EXCEEDED"))
+    );
+    // Nothing was published, and the connection is still served.
+    let (pong, _) = client.request(json!({"type":"ping"})).await;
+    assert_eq!(pong["type"], "pong");
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(stats["topics"]["t"]["messages"], 1);
+    // Once the uploads are gone, there is room again.
+    drop(uploads);
+    eventually("room again", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if used < 64 * 1024 {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    let (reply, _) = client
+        .request(json!({"type":"publish","topic":"t","message":{"payload":payload}}))
+        .await;
+    assert_eq!(reply["seq"], 2, "{reply}");
+}
