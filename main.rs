@@ -394,6 +394,7 @@ fn main() {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(collect_when_idle)
         .build()
     {
         Ok(runtime) => runtime,
@@ -473,6 +474,7 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
     // connections so that `alive_tx.closed()` says when the last one is gone.
     let (stop_tx, stop_rx) = watch::channel(None::<Instant>);
     let (alive_tx, alive_rx) = watch::channel(());
+    let housekeeping = tokio::spawn(return_freed_memory(Arc::clone(&broker.budget)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -495,6 +497,7 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
         }
     }
     drop(listener);
+    housekeeping.abort();
     let deadline = Instant::now() + grace;
     broker.stopping.store(true, Ordering::Release);
     let open = broker.open_sockets.load(Ordering::Relaxed);
@@ -509,6 +512,45 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
     // their Close frames.
     let _ = timeout_at(deadline + Duration::from_millis(250), alive_tx.closed()).await;
     log!(broker, Level::Info, "shutdown complete");
+}
+
+/// Idle is idle for the process too. mimalloc keeps the pages a thread freed resident until
+/// that thread allocates again, which idle connections never do: 300 connections after a
+/// burst of 8 KiB events stayed at 83 MiB of RSS, against 20 MiB before the burst. So once a
+/// burst is over (what the budget counts has fallen to half its high point, by 1 MiB or more)
+/// this asks every worker to hand its freed pages back, the next time it has nothing to do
+/// (`collect_when_idle`, the runtime's park hook): RSS then returns to within 1 MiB of where
+/// it was.
+async fn return_freed_memory(budget: Arc<Budget>) {
+    const FALL: usize = 1 << 20;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut high = 0;
+    loop {
+        tick.tick().await;
+        let used = budget.used();
+        if high > used + FALL && used < high / 2 {
+            COLLECT.fetch_add(1, Ordering::Relaxed);
+            high = used;
+        } else {
+            high = high.max(used);
+        }
+    }
+}
+
+/// Bumped when freed memory should go back to the OS; each worker thread compares it with
+/// the value it last acted on when it parks.
+static COLLECT: AtomicU64 = AtomicU64::new(0);
+
+fn collect_when_idle() {
+    thread_local! {
+        static DONE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let wanted = COLLECT.load(Ordering::Relaxed);
+    if DONE.get() != wanted {
+        DONE.set(wanted);
+        // SAFETY: `mi_collect` has no preconditions; it works on the calling thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+    }
 }
 
 // ---- accepting a connection and routing it ----
@@ -605,6 +647,7 @@ impl Connection {
                 return;
             }
             if request.path == "/ws" && request.method == "GET" && request.wants_upgrade() {
+                drop(held);
                 return self.upgrade(stream, request, buf).await;
             }
             let keep_alive = request.keep_alive();

@@ -3518,3 +3518,94 @@ async fn a_publish_that_cannot_be_retained_is_refused_explicitly() {
         .await;
     assert_eq!(reply["seq"], 2, "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_cost_the_same_after_a_burst_as_before() {
+    const CONNECTIONS: usize = 300;
+    const EVENTS: u64 = 20;
+    let server = Spawned::start(&[("LOG_LEVEL", "error"), ("HEARTBEAT_SECS", "3")]);
+    let addr = server.addr;
+    create(addr, "burst").await;
+    create(addr, "again").await;
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut client = Client::connect(addr).await;
+        client.subscribe("burst", 0).await;
+        clients.push(client);
+    }
+    // Idle and settled: every connection has been through a heartbeat. The clients answer a
+    // ping now and then, so none is taken for dead.
+    async fn ping_all(clients: &mut [Client]) {
+        for client in clients {
+            assert_eq!(
+                client.request(json!({"type":"ping"})).await.0["type"],
+                "pong"
+            );
+        }
+    }
+    let settle = Instant::now() + Duration::from_secs(3);
+    let mut before = server.rss_kib();
+    while Instant::now() < settle {
+        ping_all(&mut clients).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        before = before.min(server.rss_kib());
+    }
+    // A burst of 8 KiB events on every connection, then a replay of them on another topic.
+    let filler = "z".repeat(8 * 1024);
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..EVENTS {
+        publisher
+            .publish("burst", json!({"i": i, "fill": filler}))
+            .await;
+        publisher
+            .publish("again", json!({"i": i, "fill": filler}))
+            .await;
+    }
+    drop(publisher);
+    for client in &mut clients {
+        for _ in 0..EVENTS {
+            client.event().await;
+        }
+        let replayed = client.subscribe("again", EVENTS).await;
+        assert!(replayed.is_empty());
+        for _ in 0..EVENTS {
+            assert_eq!(client.event().await["replay"], true);
+        }
+    }
+    let during = server.rss_kib();
+    // Within a few heartbeats every buffer is back to its idle size: what the broker holds
+    // is the two rings' 40 events again, whatever each connection went through.
+    let idle = 2 * EVENTS * 9 * 1024 + CONNECTIONS as u64 * 512;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let held = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if held <= idle {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker still holds {held} bytes"
+        );
+        ping_all(&mut clients).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the process gives the memory back: RSS returns to where it was before the burst.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let after = server.rss_kib();
+        if after <= before + 4 * 1024 {
+            println!(
+                "RSS {before} KiB before, {during} KiB after the burst, {after} KiB idle again"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RSS {after} KiB, {before} KiB before the burst"
+        );
+        ping_all(&mut clients).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health(addr).await["connections"], CONNECTIONS as u64);
+    drop(clients);
+}
