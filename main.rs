@@ -517,10 +517,10 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
 /// Idle is idle for the process too. mimalloc keeps the pages a thread freed resident until
 /// that thread allocates again, which idle connections never do: 300 connections after a
 /// burst of 8 KiB events stayed at 83 MiB of RSS, against 20 MiB before the burst. So once a
-/// burst is over (what the budget counts has fallen to half its high point, by 1 MiB or more)
-/// this asks every worker to hand its freed pages back, the next time it has nothing to do
-/// (`collect_when_idle`, the runtime's park hook): RSS then returns to within 1 MiB of where
-/// it was.
+/// burst is over (what the budget counts has fallen to half its high point, by 1 MiB or more),
+/// and every second while the budget is over three quarters full, this asks every worker to
+/// hand its freed pages back, the next time it has nothing to do (`collect_when_idle`, the
+/// runtime's park hook): RSS then returns to within 1 MiB of where it was.
 async fn return_freed_memory(budget: Arc<Budget>) {
     const FALL: usize = 1 << 20;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -528,7 +528,11 @@ async fn return_freed_memory(budget: Arc<Budget>) {
     loop {
         tick.tick().await;
         let used = budget.used();
-        if high > used + FALL && used < high / 2 {
+        let burst_over = high > used + FALL && used < high / 2;
+        // Near the limit, events are shed and replaced all the time, freed on one thread and
+        // allocated on another: collecting each second keeps that churn from adding up.
+        let pressed = used > budget.limit / 4 * 3;
+        if burst_over || pressed {
             COLLECT.fetch_add(1, Ordering::Relaxed);
             high = used;
         } else {

@@ -2109,18 +2109,66 @@ async fn soak() {
                 .as_nanos() as u64
         });
     println!("soak: {secs} s, SOAK_SEED={seed}");
+    // A small memory budget, which the flooders below fill many times over.
+    const LIMIT: u64 = 16 * 1024 * 1024;
+    let limit = LIMIT.to_string();
     let server = Spawned::start(&[
         ("LOG_LEVEL", "warn"),
         ("QUEUE_SIZE", "32"),
         ("REPLAY_SIZE", "50"),
+        ("MEMORY_LIMIT", &limit),
     ]);
     let addr = server.addr;
     for topic in STABLE {
         create(addr, topic).await;
     }
+    const FLOODED: usize = 10;
+    for t in 0..FLOODED {
+        create(addr, &format!("flood{t}")).await;
+    }
     let fds_before = server.fds();
     let rss_before = server.rss_kib();
     let until = Instant::now() + Duration::from_secs(secs);
+
+    // Two subscribers of the flooded topics that never read, and two flooders publishing
+    // 48 KiB messages to them: 10 rings of 50 such events alone would be 24 MiB.
+    let subscribe_flooded: Vec<u8> = (0..FLOODED)
+        .flat_map(|t| {
+            client_frame(
+                0x1,
+                format!(r#"{{"type":"subscribe","topic":"flood{t}"}}"#).as_bytes(),
+            )
+        })
+        .collect();
+    let mut deaf = Vec::new();
+    for _ in 0..2 {
+        let mut stream = raw_websocket(addr).await;
+        stream.write_all(&subscribe_flooded).await.unwrap();
+        deaf.push(stream);
+    }
+    let flooders: Vec<_> = (0..2)
+        .map(|f| {
+            tokio::spawn(async move {
+                let fill = "f".repeat(48 * 1024);
+                let mut client = Client::connect(addr).await;
+                let (mut acked, mut refused) = (0u64, 0u64);
+                let mut n = 0usize;
+                while Instant::now() < until {
+                    let topic = format!("flood{}", (n + f) % FLOODED);
+                    let message = json!({"type":"publish","topic":topic,"message":{"payload":{"n":n,"fill":fill}}});
+                    let (reply, _) = client.request(message).await;
+                    match (reply["type"].as_str(), reply["error"]["code"].as_str()) {
+                        (Some("ack"), _) => acked += 1,
+                        (Some("error"), Some("LIMIT_EXCEEDED")) => refused += 1,
+                        _ => panic!("flooder: {reply}"),
+                    }
+                    n += 1;
+                }
+                (acked, refused)
+            })
+        })
+        .collect();
+    let (mut peak_rss, mut peak_counted) = (0u64, 0u64);
 
     // 20 steady subscribers on every stable topic, reading with pauses (so they drop), for
     // the whole run; 180 churners doing everything else.
@@ -2155,7 +2203,30 @@ async fn soak() {
         let stop_for = Duration::from_millis(300 + pause.below(1200));
         steady[victim].log.lock().unwrap().pause_until = Some(Instant::now() + stop_for);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        peak_rss = peak_rss.max(server.rss_kib());
+        let counted = health(addr).await["memory_bytes"].as_u64().unwrap();
+        assert!(counted <= LIMIT, "the budget counts {counted} > {LIMIT}");
+        peak_counted = peak_counted.max(counted);
     }
+    let (mut acked, mut refused) = (0, 0);
+    for flooder in flooders {
+        let (a, r) = flooder.await.unwrap();
+        (acked, refused) = (acked + a, refused + r);
+    }
+    drop(deaf);
+    let grown = peak_rss.saturating_sub(rss_before);
+    println!(
+        "soak: flooders published {acked} messages of 48 KiB ({refused} refused); budget peak \
+         {peak_counted} of {LIMIT} bytes; RSS peak {peak_rss} KiB, {grown} KiB over the start"
+    );
+    assert!(acked > 0);
+    // The stated overhead here is larger than the memory tests': 200 connections, and events
+    // shed and replaced without pause, freed on one thread and allocated on another.
+    const SOAK_OVERHEAD_KIB: u64 = 40 * 1024;
+    assert!(
+        grown <= LIMIT / 1024 + SOAK_OVERHEAD_KIB,
+        "RSS grew {grown} KiB, more than the limit and {SOAK_OVERHEAD_KIB} KiB"
+    );
     let mut dropped_logs = Vec::new();
     let mut churners_open = Vec::new();
     for task in churners {
