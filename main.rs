@@ -680,7 +680,7 @@ impl Connection {
                 Answer::Respond(response) if keep_alive => response,
                 Answer::Respond(response) => response.closing(),
                 Answer::Stream(name, replay) => {
-                    drop(held);
+                    drop((held, buf));
                     return Box::pin(SseStream::serve(self, stream, name, replay)).await;
                 }
             };
@@ -1179,6 +1179,8 @@ pub(crate) struct Event {
     seq: u64,
     /// `ts` in milliseconds, so shedding can find the oldest replay entries across topics.
     millis: u64,
+    /// What the budget was charged for this event, given back when it is dropped.
+    charged: usize,
     /// The whole WebSocket frame from `start` on: header, then the `event` JSON from
     /// `HEADER_ROOM` on. Server frames are unmasked, so these bytes are the same for every
     /// subscriber: a WebSocket writes them as they are, an SSE stream frames the JSON.
@@ -1196,7 +1198,7 @@ impl Event {
     fn draft(topic: &Arc<TopicShared>, name: &str, id: MessageId, payload: &str) -> Arc<Event> {
         let id_len = match id {
             MessageId::Given(raw) => raw.len(),
-            MessageId::Assigned(..) => 42,
+            MessageId::Assigned(..) => ASSIGNED_ID,
         };
         let mut wire = Vec::with_capacity(event_capacity(name, id_len, payload));
         wire.extend_from_slice(&[0; HEADER_ROOM]);
@@ -1206,15 +1208,19 @@ impl Event {
             .id("id", id)
             .raw("payload", payload.as_bytes())
             .close();
-        let event = Arc::new(Event {
+        let mut event = Arc::new(Event {
             topic: Arc::clone(topic),
             seq: 0,
             millis: 0,
+            charged: 0,
             wire,
             start: 0,
             line_breaks: AtomicU8::new(0),
         });
-        topic.budget.charge(event.bytes());
+        if let Some(fresh) = Arc::get_mut(&mut event) {
+            fresh.charged = std::mem::size_of::<Event>() + fresh.wire.capacity();
+            topic.budget.charge(fresh.charged);
+        }
         event
     }
 
@@ -1236,14 +1242,10 @@ impl Event {
         &self.wire[self.start..]
     }
 
-    /// What the budget counts for this event, from its draft until its last holder drops it.
-    fn bytes(&self) -> usize {
-        std::mem::size_of::<Event>() + self.wire.capacity()
-    }
-
-    /// An upper bound of `bytes` for a draft not yet made.
+    /// What the budget will be charged for a draft not yet made.
     fn estimate(name: &str, id: Option<&str>, payload: &str) -> usize {
-        std::mem::size_of::<Event>() + event_capacity(name, id.map_or(42, str::len), payload)
+        std::mem::size_of::<Event>()
+            + event_capacity(name, id.map_or(ASSIGNED_ID, str::len), payload)
     }
 
     /// The event JSON of the contract.
@@ -1272,14 +1274,18 @@ impl Event {
 
 impl Drop for Event {
     fn drop(&mut self) {
-        self.topic.budget.release(self.bytes());
+        self.topic.budget.release(self.charged);
     }
 }
 
-/// The bytes an event's frame needs: the JSON around `name`, the id and the payload, with
-/// room for the frame header, `seq` and `ts` (an assigned id is at most 42 bytes).
+/// The longest server-assigned id: `"<u64>-<u64>"`.
+const ASSIGNED_ID: usize = 43;
+
+/// The bytes an event's frame needs: the JSON around `name`, the id and the payload (at most
+/// 115 bytes of it with 20-digit `seq`), with room for the frame header, so that sealing it
+/// under the ordering lock never reallocates.
 fn event_capacity(name: &str, id_len: usize, payload: &str) -> usize {
-    HEADER_ROOM + 120 + name.len() + id_len + payload.len()
+    HEADER_ROOM + 128 + name.len() + id_len + payload.len()
 }
 
 /// What publishers hand to one connection: a bounded queue of events with drop-oldest, and
@@ -1312,6 +1318,10 @@ impl Outbox {
             deleted: Mutex::new(Vec::new()),
             has_deleted: AtomicBool::new(false),
         }
+    }
+
+    fn is_slow(&self) -> bool {
+        self.queue.len() >= (self.queue.capacity() / 2).min(16)
     }
 
     /// Sheds the oldest queued event, counted and told like a drop-oldest eviction; false
@@ -1499,7 +1509,10 @@ impl Broker {
         if self.budget.has_room(bytes) {
             return Ok(());
         }
-        self.shed(bytes);
+        // One event that needs half the budget is refused rather than paid for with all of it.
+        if bytes <= self.budget.limit / 2 {
+            self.shed(bytes);
+        }
         if self.budget.has_room(bytes) {
             return Ok(());
         }
@@ -1535,11 +1548,13 @@ impl Broker {
                 oldest.push(Reverse((next, i)));
             }
         }
-        // Then queued events, from the longest queues, one from each in turn.
+        // Then queued events of slow subscribers (a queue at least half full, or 16 deep),
+        // from the longest queues, one from each in turn.
         let mut queues: Vec<Arc<Outbox>> = self
             .outboxes
             .iter()
             .map(|e| Arc::clone(e.value()))
+            .filter(|outbox| outbox.is_slow())
             .collect();
         queues.sort_by_key(|outbox| std::cmp::Reverse(outbox.queue.len()));
         while self.budget.used() > target && !queues.is_empty() {
@@ -2464,27 +2479,32 @@ pub(crate) struct Json<'a>(&'a mut Vec<u8>);
 
 impl<'a> Json<'a> {
     /// `{` — a plain object (REST bodies).
+    #[inline]
     fn object(buf: &'a mut Vec<u8>) -> Json<'a> {
         buf.push(b'{');
         Json(buf)
     }
 
     /// `{"type":"<kind>"` — a server message.
+    #[inline]
     fn message(buf: &'a mut Vec<u8>, kind: &str) -> Json<'a> {
         Json::object(buf).str("type", kind)
     }
 
     /// Goes on with an object left open in `buf`.
+    #[inline]
     fn resume(buf: &'a mut Vec<u8>) -> Json<'a> {
         Json(buf)
     }
 
+    #[inline]
     fn comma(&mut self) {
         if !matches!(self.0.last(), Some(b'{' | b'[')) {
             self.0.push(b',');
         }
     }
 
+    #[inline]
     fn key(&mut self, key: &str) {
         self.comma();
         self.0.push(b'"');
@@ -2492,12 +2512,14 @@ impl<'a> Json<'a> {
         self.0.extend_from_slice(b"\":");
     }
 
+    #[inline]
     fn raw(mut self, key: &str, json: &[u8]) -> Self {
         self.key(key);
         self.0.extend_from_slice(json);
         self
     }
 
+    #[inline]
     fn str(mut self, key: &str, value: &str) -> Self {
         self.key(key);
         let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
@@ -2512,12 +2534,14 @@ impl<'a> Json<'a> {
         self
     }
 
+    #[inline]
     fn num(mut self, key: &str, value: u64) -> Self {
         self.key(key);
         push_u64(self.0, value);
         self
     }
 
+    #[inline]
     fn ts(mut self, ts: Timestamp) -> Self {
         self.key("ts");
         self.0.push(b'"');
@@ -2527,6 +2551,7 @@ impl<'a> Json<'a> {
     }
 
     /// The `request_id` of a reply, echoed verbatim, when the request had one.
+    #[inline]
     fn request_id(self, id: Option<&RawValue>) -> Self {
         match id {
             Some(id) => self.raw("request_id", id.get().as_bytes()),
@@ -2536,6 +2561,7 @@ impl<'a> Json<'a> {
 
     /// A message id: the client's string as it sent it, or a server-assigned
     /// `"<connection>-<n>"`.
+    #[inline]
     fn id(mut self, key: &str, id: MessageId) -> Self {
         self.key(key);
         match id {
@@ -2552,6 +2578,7 @@ impl<'a> Json<'a> {
     }
 
     /// `"error":{"code":…,"message":…}`, in WebSocket replies and REST bodies alike.
+    #[inline]
     fn error(self, code: &str, message: &str) -> Self {
         self.open("error")
             .str("code", code)
@@ -2560,6 +2587,7 @@ impl<'a> Json<'a> {
     }
 
     /// Opens a nested object under `key`; `close` ends it.
+    #[inline]
     fn open(mut self, key: &str) -> Self {
         self.key(key);
         self.0.push(b'{');
@@ -2567,29 +2595,34 @@ impl<'a> Json<'a> {
     }
 
     /// Opens an array under `key`; `item` opens each element object, `close_list` ends it.
+    #[inline]
     fn open_list(mut self, key: &str) -> Self {
         self.key(key);
         self.0.push(b'[');
         self
     }
 
+    #[inline]
     fn item(mut self) -> Self {
         self.comma();
         self.0.push(b'{');
         self
     }
 
+    #[inline]
     fn close(self) -> Self {
         self.0.push(b'}');
         self
     }
 
+    #[inline]
     fn close_list(self) -> Self {
         self.0.push(b']');
         self
     }
 
     /// Closes the outermost object.
+    #[inline]
     fn end(self) {
         self.0.push(b'}');
     }
@@ -2755,6 +2788,10 @@ impl Drop for Subscriptions {
         for topic in self.topics.values() {
             topic.unsubscribe(&self.outbox);
         }
+        // No publish reaches this outbox any more, though a large topic's snapshot may hold
+        // it until its next rebuild: let go of the queued events now, so they neither stay
+        // charged nor wait for a shedder that can no longer see them.
+        while self.outbox.queue.pop().is_some() {}
         self.broker.outboxes.remove(&self.id);
         self.broker.sessions.fetch_sub(1, Ordering::AcqRel);
         log!(self.broker, Level::Debug, "connection {} closed", self.id);
@@ -2852,9 +2889,8 @@ impl Subscriptions {
             // Deleted, but its notice has not reached this outbox yet (the deleter is between
             // marking the topic and telling its subscribers): end it here, notice included,
             // so the client never sees the new topic's events continue the old one's.
-            let shared = Arc::clone(&current.shared);
             self.topics.remove(name);
-            self.move_queue(w, Some(&shared)).await?;
+            self.move_queue(w, None).await?;
             w.topic_deleted(name);
         }
         let max = self.broker.config.max_subscriptions;
@@ -2902,9 +2938,12 @@ impl Subscriptions {
 /// A connection's heartbeat. It ticks at half the interval: a ping goes out on every other
 /// tick, and a peer that must answer (a WebSocket client, which answers Pings with Pongs)
 /// and was silent for four ticks in a row (two intervals) is dead — found between 2 and 2.5
-/// intervals after the last thing it sent. With a zero interval it never ticks.
+/// intervals after the last thing it sent. With a zero interval it still ticks every
+/// `IDLE_TICK`, so that buffers shrink after a burst, but never pings nor declares a peer dead.
 struct Heartbeat {
-    ticker: Option<tokio::time::Interval>,
+    ticker: tokio::time::Interval,
+    /// Heartbeats are on (`HEARTBEAT_SECS` is not 0).
+    beating: bool,
     /// Whether silence means death: an SSE client sends nothing after its request.
     listens: bool,
     ping_due: bool,
@@ -2920,14 +2959,17 @@ enum Beat {
 
 impl Heartbeat {
     fn new(interval: Duration, listens: bool) -> Heartbeat {
-        let ticker = (!interval.is_zero()).then(|| {
-            let half = (interval / 2).max(Duration::from_millis(1));
-            let mut ticker = tokio::time::interval_at(Instant::now() + half, half);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker
-        });
+        const IDLE_TICK: Duration = Duration::from_secs(15);
+        let beating = !interval.is_zero();
+        let half = match beating {
+            true => (interval / 2).max(Duration::from_millis(1)),
+            false => IDLE_TICK,
+        };
+        let mut ticker = tokio::time::interval_at(Instant::now() + half, half);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Heartbeat {
             ticker,
+            beating,
             listens,
             ping_due: false,
             heard: false,
@@ -2942,10 +2984,10 @@ impl Heartbeat {
 
     /// Cancel-safe: the state changes only after the tick has come.
     async fn tick(&mut self) -> Beat {
-        let Some(ticker) = &mut self.ticker else {
-            return std::future::pending().await;
-        };
-        ticker.tick().await;
+        self.ticker.tick().await;
+        if !self.beating {
+            return Beat::Quiet;
+        }
         self.silent_ticks = if std::mem::take(&mut self.heard) {
             0
         } else {
@@ -3288,7 +3330,10 @@ impl Session {
                         self.writer.message("info", Timestamp::now(), |json| json.str("msg", "ping"));
                         continue;
                     }
-                    Beat::Quiet => continue,
+                    Beat::Quiet => {
+                        self.writer.shrink();
+                        continue;
+                    }
                     Beat::Dead => {
                         let id = self.subscriptions.id;
                         log!(self.subscriptions.broker, Level::Debug, "connection {id} timed out");
@@ -3651,10 +3696,11 @@ impl SseStream {
                 biased;
                 _ = self.stop.changed() => return self.goodbye().await,
                 beat = self.heartbeat.tick() => {
+                    if self.writer.out.is_empty() {
+                        self.writer.out = Vec::new();
+                        self.writer.charged.track(0);
+                    }
                     if let Beat::Ping = beat {
-                        if self.writer.out.is_empty() {
-                            self.writer.out = Vec::new();
-                        }
                         self.writer.out.extend_from_slice(b": ping\n\n");
                     }
                 }

@@ -3372,9 +3372,10 @@ async fn a_content_length_whose_body_never_arrives_costs_nothing_up_front() {
     let response = http(server.addr, "POST", "/topics", Some(&probe)).await;
     assert_eq!(response.status, 400, "{}", response.body);
     let grown = server.rss_kib().saturating_sub(before);
-    // Zero-filled up front, 400 × 64 KiB would be 25 MiB.
+    // Zero-filled up front, 400 × 64 KiB would be 25 MiB on top of what 400 connections
+    // cost anyway (about 20 KiB each, measured).
     assert!(
-        grown < 8 * 1024,
+        grown < 12 * 1024,
         "RSS grew {grown} KiB for {CONNECTIONS} bodies that never came"
     );
     drop(waiting);
