@@ -1203,7 +1203,7 @@ impl Event {
         let mut wire = Vec::with_capacity(event_capacity(name, id_len, payload));
         wire.extend_from_slice(&[0; HEADER_ROOM]);
         Json::message(&mut wire, "event")
-            .str("topic", name)
+            .plain("topic", name)
             .open("message")
             .id("id", id)
             .raw("payload", payload.as_bytes())
@@ -2032,7 +2032,7 @@ fn create_topic(broker: &Broker, body: &[u8]) -> Response {
     }
     match broker.create_topic(&name) {
         Ok(_) => Response::json(201, |json| {
-            json.str("status", "created").str("topic", &name).end()
+            json.plain("status", "created").plain("topic", &name).end()
         }),
         Err(Created::Exists(_)) => {
             let message = format!("topic '{name}' already exists");
@@ -2048,7 +2048,7 @@ fn delete_topic(broker: &Broker, name: &str) -> Response {
     }
     if broker.delete_topic(name) {
         Response::json(200, |json| {
-            json.str("status", "deleted").str("topic", name).end()
+            json.plain("status", "deleted").plain("topic", name).end()
         })
     } else {
         Response::reject(topic_not_found(name))
@@ -2071,8 +2071,8 @@ fn publish_message(broker: &Broker, name: &str, body: &[u8]) -> Response {
     let connection = broker.next_id.fetch_add(1, Ordering::Relaxed);
     match Publisher::new(connection).publish(broker, name, id, payload) {
         Ok(published) => Response::json(201, |json| {
-            json.str("status", "ok")
-                .str("topic", name)
+            json.plain("status", "ok")
+                .plain("topic", name)
                 .id("id", published.id)
                 .num("seq", published.seq)
                 .ts(published.ts)
@@ -2129,7 +2129,7 @@ fn list_topics(broker: &Broker) -> Response {
         for topic in sorted_topics(broker) {
             list = list
                 .item()
-                .str("name", &topic.name)
+                .plain("name", &topic.name)
                 .num("subscribers", topic.subscriber_count() as u64)
                 .close();
         }
@@ -2144,7 +2144,7 @@ fn health(broker: &Broker) -> Response {
         .map(|e| e.value().subscriber_count())
         .sum();
     Response::json(200, |json| {
-        json.str("status", "ok")
+        json.plain("status", "ok")
             .num("uptime_sec", broker.started.elapsed().as_secs())
             .num("topics", broker.topic_count.load(Ordering::Acquire) as u64)
             .num("subscribers", subscribers as u64)
@@ -2479,32 +2479,32 @@ pub(crate) struct Json<'a>(&'a mut Vec<u8>);
 
 impl<'a> Json<'a> {
     /// `{` — a plain object (REST bodies).
-    #[inline]
+    #[inline(always)]
     fn object(buf: &'a mut Vec<u8>) -> Json<'a> {
         buf.push(b'{');
         Json(buf)
     }
 
     /// `{"type":"<kind>"` — a server message.
-    #[inline]
+    #[inline(always)]
     fn message(buf: &'a mut Vec<u8>, kind: &str) -> Json<'a> {
-        Json::object(buf).str("type", kind)
+        Json::object(buf).plain("type", kind)
     }
 
     /// Goes on with an object left open in `buf`.
-    #[inline]
+    #[inline(always)]
     fn resume(buf: &'a mut Vec<u8>) -> Json<'a> {
         Json(buf)
     }
 
-    #[inline]
+    #[inline(always)]
     fn comma(&mut self) {
         if !matches!(self.0.last(), Some(b'{' | b'[')) {
             self.0.push(b',');
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn key(&mut self, key: &str) {
         self.comma();
         self.0.push(b'"');
@@ -2512,14 +2512,14 @@ impl<'a> Json<'a> {
         self.0.extend_from_slice(b"\":");
     }
 
-    #[inline]
+    #[inline(always)]
     fn raw(mut self, key: &str, json: &[u8]) -> Self {
         self.key(key);
         self.0.extend_from_slice(json);
         self
     }
 
-    #[inline]
+    #[inline(always)]
     fn str(mut self, key: &str, value: &str) -> Self {
         self.key(key);
         let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
@@ -2534,14 +2534,25 @@ impl<'a> Json<'a> {
         self
     }
 
-    #[inline]
+    /// A string that needs no escaping: a topic name (checked to be plain ASCII), a code, a
+    /// literal. Skips `str`'s scan, which showed in the fan-in profile.
+    #[inline(always)]
+    fn plain(mut self, key: &str, value: &str) -> Self {
+        self.key(key);
+        self.0.push(b'"');
+        self.0.extend_from_slice(value.as_bytes());
+        self.0.push(b'"');
+        self
+    }
+
+    #[inline(always)]
     fn num(mut self, key: &str, value: u64) -> Self {
         self.key(key);
         push_u64(self.0, value);
         self
     }
 
-    #[inline]
+    #[inline(always)]
     fn ts(mut self, ts: Timestamp) -> Self {
         self.key("ts");
         self.0.push(b'"');
@@ -2551,7 +2562,7 @@ impl<'a> Json<'a> {
     }
 
     /// The `request_id` of a reply, echoed verbatim, when the request had one.
-    #[inline]
+    #[inline(always)]
     fn request_id(self, id: Option<&RawValue>) -> Self {
         match id {
             Some(id) => self.raw("request_id", id.get().as_bytes()),
@@ -2561,7 +2572,7 @@ impl<'a> Json<'a> {
 
     /// A message id: the client's string as it sent it, or a server-assigned
     /// `"<connection>-<n>"`.
-    #[inline]
+    #[inline(always)]
     fn id(mut self, key: &str, id: MessageId) -> Self {
         self.key(key);
         match id {
@@ -2578,16 +2589,16 @@ impl<'a> Json<'a> {
     }
 
     /// `"error":{"code":…,"message":…}`, in WebSocket replies and REST bodies alike.
-    #[inline]
+    #[inline(always)]
     fn error(self, code: &str, message: &str) -> Self {
         self.open("error")
-            .str("code", code)
+            .plain("code", code)
             .str("message", message)
             .close()
     }
 
     /// Opens a nested object under `key`; `close` ends it.
-    #[inline]
+    #[inline(always)]
     fn open(mut self, key: &str) -> Self {
         self.key(key);
         self.0.push(b'{');
@@ -2595,34 +2606,34 @@ impl<'a> Json<'a> {
     }
 
     /// Opens an array under `key`; `item` opens each element object, `close_list` ends it.
-    #[inline]
+    #[inline(always)]
     fn open_list(mut self, key: &str) -> Self {
         self.key(key);
         self.0.push(b'[');
         self
     }
 
-    #[inline]
+    #[inline(always)]
     fn item(mut self) -> Self {
         self.comma();
         self.0.push(b'{');
         self
     }
 
-    #[inline]
+    #[inline(always)]
     fn close(self) -> Self {
         self.0.push(b'}');
         self
     }
 
-    #[inline]
+    #[inline(always)]
     fn close_list(self) -> Self {
         self.0.push(b']');
         self
     }
 
     /// Closes the outermost object.
-    #[inline]
+    #[inline(always)]
     fn end(self) {
         self.0.push(b'}');
     }
@@ -3204,7 +3215,7 @@ impl Writer for WsWriter {
 
     fn topic_deleted(&mut self, topic: &str) {
         self.message("info", Timestamp::now(), |json| {
-            json.str("topic", topic).str("msg", "topic_deleted")
+            json.plain("topic", topic).plain("msg", "topic_deleted")
         });
     }
 
@@ -3327,7 +3338,7 @@ impl Session {
                     Beat::Ping => {
                         self.writer.shrink();
                         self.writer.frame(OPCODE_PING, &[]);
-                        self.writer.message("info", Timestamp::now(), |json| json.str("msg", "ping"));
+                        self.writer.message("info", Timestamp::now(), |json| json.plain("msg", "ping"));
                         continue;
                     }
                     Beat::Quiet => {
@@ -3414,8 +3425,8 @@ impl Session {
                 match self.publisher.publish(broker, &topic, id, payload) {
                     Ok(published) => self.writer.message("ack", published.ts, |json| {
                         json.request_id(request_id)
-                            .str("topic", &topic)
-                            .str("status", "ok")
+                            .plain("topic", &topic)
+                            .plain("status", "ok")
                             .num("seq", published.seq)
                     }),
                     Err(e) => self.writer.error(request_id, e),
@@ -3455,9 +3466,9 @@ impl Session {
         self.writer.message("ack", Timestamp::now(), |json| {
             let json = json
                 .request_id(request_id)
-                .str("topic", name)
-                .str("status", "ok")
-                .str("epoch", &topic.epoch)
+                .plain("topic", name)
+                .plain("status", "ok")
+                .plain("epoch", &topic.epoch)
                 .num("replayed", backlog.events.len() as u64);
             if backlog.missed > 0 {
                 json.num("missed", backlog.missed)
@@ -3477,8 +3488,8 @@ impl Session {
         {
             Ok(()) => self.writer.message("ack", Timestamp::now(), |json| {
                 json.request_id(request_id)
-                    .str("topic", name)
-                    .str("status", "ok")
+                    .plain("topic", name)
+                    .plain("status", "ok")
             }),
             Err(e) => self.writer.error(request_id, e),
         }
@@ -3492,7 +3503,7 @@ impl Session {
         let farewell = async {
             let ts = Timestamp::now();
             self.writer
-                .message("info", ts, |json| json.str("msg", "shutdown"));
+                .message("info", ts, |json| json.plain("msg", "shutdown"));
             while !self.subscriptions.outbox.queue.is_empty() {
                 self.subscriptions.drain(&mut self.writer).await?;
             }
@@ -3588,7 +3599,7 @@ impl Writer for SseWriter {
     }
 
     fn topic_deleted(&mut self, topic: &str) {
-        self.notice("topic_deleted", |json| json.str("topic", topic));
+        self.notice("topic_deleted", |json| json.plain("topic", topic));
         self.ended = true;
     }
 
@@ -3659,8 +3670,8 @@ impl SseStream {
         );
         sse.writer.notice("subscribed", |json| {
             let json = json
-                .str("topic", &name)
-                .str("epoch", &topic.epoch)
+                .plain("topic", &name)
+                .plain("epoch", &topic.epoch)
                 .num("replayed", backlog.events.len() as u64);
             if backlog.missed > 0 {
                 json.num("missed", backlog.missed)
