@@ -136,6 +136,14 @@ pub(crate) struct Config {
     pub(crate) auto_create: bool,
     /// Bytes the broker may hold on clients' behalf, all together (see `Budget`).
     pub(crate) memory_limit: usize,
+    /// The key every request but `GET /health` (and the console page) must present; `None`
+    /// leaves the broker open.
+    pub(crate) api_key: Option<String>,
+    /// Publishes (and replaying subscribes) per second per WebSocket connection, and REST
+    /// publishes per second per client address; 0 is no limit.
+    pub(crate) rate_limit: u32,
+    /// How many may come at once before the rate applies; 0 means `rate_limit`.
+    pub(crate) rate_burst: u32,
     /// Deadline for a whole request head, from the connection's start or the previous
     /// response. Not a setting: it exists so tests can shrink it.
     pub(crate) head_timeout: Duration,
@@ -249,6 +257,27 @@ const SETTINGS: &[Setting] = &[
         apply: |c, v| number(v, 0, 3_600_000).map(|n| c.shutdown_grace = Duration::from_millis(n)),
     },
     Setting {
+        name: "API_KEY",
+        default: "",
+        meaning: "key for REST, WebSocket and SSE (X-API-Key or ?api_key=); empty = open",
+        apply: |c, v| {
+            c.api_key = (!v.is_empty()).then(|| v.to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        name: "RATE_LIMIT",
+        default: "0",
+        meaning: "publishes/s per connection and REST publishes/s per address (0 = none)",
+        apply: |c, v| number(v, 0, 1_000_000).map(|n| c.rate_limit = n as u32),
+    },
+    Setting {
+        name: "RATE_BURST",
+        default: "0",
+        meaning: "requests allowed at once before RATE_LIMIT applies (0 = RATE_LIMIT)",
+        apply: |c, v| number(v, 0, 1_000_000).map(|n| c.rate_burst = n as u32),
+    },
+    Setting {
         name: "AUTO_CREATE",
         default: "false",
         meaning: "subscribing or publishing to an unknown topic creates it",
@@ -294,6 +323,9 @@ impl Default for Config {
             shutdown_grace: Duration::ZERO,
             auto_create: false,
             memory_limit: 0,
+            api_key: None,
+            rate_limit: 0,
+            rate_burst: 0,
             head_timeout: Duration::from_secs(10),
         };
         for setting in SETTINGS {
@@ -425,6 +457,15 @@ fn main() {
             // Printed at every log level: with PORT=0 it is the only way to learn the port.
             let ts = now_rfc3339();
             eprintln!("{ts} INFO  pubsub listening on {addr} (ws://{addr}/ws)");
+            if !addr.ip().is_loopback()
+                && config.api_key.is_none()
+                && config.log_level >= Level::Warn
+            {
+                eprintln!(
+                    "{ts} WARN  {addr} is reachable from other machines and API_KEY is not set: \
+                     anyone who can reach it may publish, subscribe and delete topics"
+                );
+            }
         }
         run(listener, config, signals.first()).await;
     });
@@ -650,6 +691,20 @@ impl Connection {
                 let _ = response.closing().write_within(&mut stream, 1).await;
                 return;
             }
+            if !broker.authorized(&request) {
+                let why = "this broker needs its API key: X-API-Key header or ?api_key=";
+                let mut response = Response::error(401, "UNAUTHORIZED", why);
+                // A body is left unread, so the connection ends after the answer.
+                let body = request.content_length.unwrap_or(0) > 0;
+                if body || !request.keep_alive() || request.wants_upgrade() {
+                    response = response.closing();
+                }
+                if response.write_within(&mut stream, 10).await.is_err() || response.close {
+                    return;
+                }
+                deadline = Instant::now() + broker.config.head_timeout;
+                continue;
+            }
             if request.path == "/ws" && request.method == "GET" && request.wants_upgrade() {
                 drop(held);
                 return self.upgrade(stream, request, buf).await;
@@ -669,7 +724,7 @@ impl Connection {
                 }
                 Err(BodyError::Closed) => return,
             };
-            let answer = rest(&broker, &request, &buf[..body_len]);
+            let answer = rest(&broker, &request, &buf[..body_len], ip);
             // Idle is idle: the body's room goes back once it has been handled.
             buf.drain(..body_len);
             if buf.capacity() > 4096 {
@@ -810,6 +865,10 @@ pub(crate) struct Broker {
     outboxes: DashMap<u64, Arc<Outbox>>,
     /// One shedder at a time.
     shedding: Mutex<()>,
+    /// `SLOW_CONSUMER` notices sent, for `/metrics` (a notice is rare: one per drop streak).
+    slow_notices: AtomicU64,
+    /// REST publishers' token buckets, per client address (only with `RATE_LIMIT`).
+    rest_buckets: DashMap<IpAddr, TokenBucket>,
     started: Instant,
     /// Set when shutdown begins: REST answers 503 from then on.
     stopping: AtomicBool,
@@ -831,6 +890,8 @@ impl Broker {
             }),
             outboxes: DashMap::new(),
             shedding: Mutex::new(()),
+            slow_notices: AtomicU64::new(0),
+            rest_buckets: DashMap::new(),
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             config,
@@ -897,6 +958,9 @@ enum Created {
 /// drop counter, which an evicted event must find after the topic itself may be gone.
 pub(crate) struct TopicShared {
     dropped: AtomicU64,
+    /// Events written to subscribers (replays included), added by each connection once per
+    /// run of events of this topic, not once per event.
+    delivered: AtomicU64,
     /// Where the topic's events are counted while they live.
     budget: Arc<Budget>,
 }
@@ -914,6 +978,9 @@ pub(crate) struct Topic {
     subscribers: ArcSwap<Vec<Arc<Outbox>>>,
     /// How many subscribers there are, for `/stats` and `/health`, which read it without the lock.
     subscriber_count: AtomicUsize,
+    /// Messages published, stored under the ordering lock and read without it (`/stats`,
+    /// `/metrics`), so a scrape never contends with publishers.
+    published: AtomicU64,
     /// The ordering point: a std `Mutex`, not a tokio one, because nothing awaits while it is
     /// held. It is held only to assign `seq`, append to the ring and make the non-blocking
     /// queue pushes, so every subscriber sees one order (ascending `seq`) however many
@@ -974,10 +1041,12 @@ impl Topic {
             epoch: format!("{}.{incarnation}", created.millis),
             shared: Arc::new(TopicShared {
                 dropped: AtomicU64::new(0),
+                delivered: AtomicU64::new(0),
                 budget,
             }),
             subscribers: ArcSwap::from_pointee(Vec::new()),
             subscriber_count: AtomicUsize::new(0),
+            published: AtomicU64::new(0),
             state: Mutex::new(TopicState {
                 next_seq: 1,
                 last_ts: created,
@@ -1007,7 +1076,7 @@ impl Topic {
     }
 
     fn published(&self) -> u64 {
-        self.lock().next_seq - 1
+        self.published.load(Ordering::Acquire)
     }
 
     /// Assigns the next `seq` and delivers the event; `None` if the topic was deleted.
@@ -1024,6 +1093,7 @@ impl Topic {
         }
         let seq = state.next_seq;
         state.next_seq += 1;
+        self.published.store(seq, Ordering::Release);
         let ts = ts.max(state.last_ts);
         state.last_ts = ts;
         Event::seal(&mut event, seq, ts)?;
@@ -1563,6 +1633,137 @@ impl Broker {
     }
 }
 
+// ---- rate limits and the API key ----
+
+/// A token bucket: `burst` requests at once, refilled at `rate` per second.
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: u32) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, rate: u32, burst: u32) -> Result<(), Duration> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64(
+            (1.0 - self.tokens) / f64::from(rate),
+        ))
+    }
+
+    fn is_full(&self, rate: u32, burst: u32) -> bool {
+        let refill = self.last.elapsed().as_secs_f64() * f64::from(rate);
+        self.tokens + refill >= f64::from(burst)
+    }
+}
+
+/// `RATE_LIMITED`, with how long to wait.
+fn rate_limited(wait: Duration) -> Reject {
+    let ms = wait.as_millis().max(1);
+    reject(
+        "RATE_LIMITED",
+        format!("too many requests; retry in {ms} ms"),
+    )
+}
+
+impl Broker {
+    /// The rate and burst of `RATE_LIMIT`/`RATE_BURST`, when there is a limit.
+    fn rate(&self) -> Option<(u32, u32)> {
+        let rate = self.config.rate_limit;
+        let burst = match self.config.rate_burst {
+            0 => rate,
+            burst => burst,
+        };
+        (rate > 0).then_some((rate, burst))
+    }
+
+    /// A REST publish from `ip`: within its address's bucket? The map is bounded: past
+    /// 10,000 addresses, the full buckets (idle addresses) are forgotten.
+    fn rest_publish_allowed(&self, ip: IpAddr) -> Result<(), Duration> {
+        let Some((rate, burst)) = self.rate() else {
+            return Ok(());
+        };
+        if self.rest_buckets.len() > 10_000 {
+            self.rest_buckets
+                .retain(|_, bucket| !bucket.is_full(rate, burst));
+        }
+        let mut bucket = self
+            .rest_buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(burst));
+        bucket.take(rate, burst)
+    }
+
+    /// Whether `request` presents the API key (header `X-API-Key` or `?api_key=`), compared
+    /// in constant time. The health probe and the console page are open: the page holds no
+    /// data, and it is what asks a person for the key.
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(key) = &self.config.api_key else {
+            return true;
+        };
+        let open = request.method == "GET" && matches!(request.path.as_str(), "/health" | "/");
+        let given = match request.header("x-api-key") {
+            Some(given) => Some(given.to_string()),
+            None => query_param(request.query.as_deref(), "api_key").map(percent_decode),
+        };
+        open || given.is_some_and(|given| same_key(given.as_bytes(), key.as_bytes()))
+    }
+}
+
+/// Equal, in time that depends only on the lengths.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    let differ = given
+        .iter()
+        .zip(key)
+        .fold(given.len() ^ key.len(), |acc, (a, b)| {
+            acc | usize::from(a ^ b)
+        });
+    differ == 0
+}
+
+fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `%XX` escapes and `+` of a query value.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 // ---- the HTTP/1.1 subset ----
 
 /// A parsed request head. Header names keep their spelling; lookups ignore case.
@@ -1773,7 +1974,7 @@ pub(crate) struct Response {
     status: u16,
     content_type: &'static str,
     body: Cow<'static, [u8]>,
-    headers: Vec<(&'static str, &'static str)>,
+    headers: Vec<(&'static str, Cow<'static, str>)>,
     close: bool,
 }
 
@@ -1815,8 +2016,8 @@ impl Response {
         Response::error(status, e.code, &e.message)
     }
 
-    fn header(mut self, name: &'static str, value: &'static str) -> Response {
-        self.headers.push((name, value));
+    fn header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Response {
+        self.headers.push((name, value.into()));
         self
     }
 
@@ -1941,6 +2142,7 @@ pub(crate) enum Route<'a> {
     Events(&'a str),
     Health,
     Stats,
+    Metrics,
 }
 
 impl Route<'_> {
@@ -1951,6 +2153,7 @@ impl Route<'_> {
             "/topics" => Route::Topics,
             "/health" => Route::Health,
             "/stats" => Route::Stats,
+            "/metrics" => Route::Metrics,
             _ => {
                 let rest = path.strip_prefix("/topics/")?;
                 match rest.split_once('/') {
@@ -1986,7 +2189,7 @@ impl From<Response> for Answer {
     }
 }
 
-fn rest(broker: &Broker, request: &Request, body: &[u8]) -> Answer {
+fn rest(broker: &Broker, request: &Request, body: &[u8], ip: IpAddr) -> Answer {
     let method = request.method.as_str();
     let path = request.path.as_str();
     let Some(route) = Route::parse(path) else {
@@ -2000,13 +2203,17 @@ fn rest(broker: &Broker, request: &Request, body: &[u8]) -> Answer {
         (Route::Topics, "GET") => list_topics(broker),
         (Route::Topics, "POST") => create_topic(broker, body),
         (Route::Topic(name), "DELETE") => delete_topic(broker, name),
-        (Route::Messages(name), "POST") => publish_message(broker, name, body),
+        (Route::Messages(name), "POST") => match broker.rest_publish_allowed(ip) {
+            Ok(()) => publish_message(broker, name, body),
+            Err(wait) => too_many_requests(wait),
+        },
         (Route::Events(name), "GET") => match events_request(request, name) {
             Ok(replay) => return Answer::Stream(name.to_string(), replay),
             Err(response) => response,
         },
         (Route::Health, "GET") => health(broker),
         (Route::Stats, "GET") => stats(broker),
+        (Route::Metrics, "GET") => metrics(broker),
         (route, _) => {
             let message = format!("{method} is not allowed on {path}");
             Response::error(405, "METHOD_NOT_ALLOWED", &message).header("Allow", route.allow())
@@ -2099,14 +2306,22 @@ fn events_request(request: &Request, name: &str) -> Result<Replay, Response> {
         return Ok(Replay::Since(number_in("Last-Event-ID", id)?.unwrap_or(0)));
     }
     let query = request.query.as_deref();
-    let param = |key: &str| {
-        query?
-            .split('&')
-            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
-    };
+    let param = |key: &str| query_param(query, key);
     let last_n = param("last_n").map_or(Ok(None), |v| number_in("last_n", v))?;
     let since_seq = param("since_seq").map_or(Ok(None), |v| number_in("since_seq", v))?;
     replay_from(last_n, since_seq).map_err(Response::reject)
+}
+
+/// 429 `RATE_LIMITED`, with `retry_after_ms` in the body and `Retry-After` (whole seconds).
+fn too_many_requests(wait: Duration) -> Response {
+    let e = rate_limited(wait);
+    let ms = wait.as_millis().max(1) as u64;
+    let response = Response::json(429, |json| {
+        json.error(e.code, &e.message)
+            .num("retry_after_ms", ms)
+            .end()
+    });
+    response.header("Retry-After", ms.div_ceil(1000).to_string())
 }
 
 fn bad_request(message: &str) -> Response {
@@ -2171,6 +2386,106 @@ fn stats(broker: &Broker) -> Response {
         }
         topics.close().end()
     })
+}
+
+/// A per-topic metric: name, help, and how to read it.
+type PerTopic = (&'static str, &'static str, fn(&Topic) -> u64);
+
+/// `GET /metrics`: the Prometheus text format 0.0.4. Every value is read from counters kept
+/// beside the data (never a topic's ordering lock), so a scrape does not slow publishers.
+fn metrics(broker: &Broker) -> Response {
+    let topics = sorted_topics(broker);
+    let mut out = String::with_capacity(512 + topics.len() * 256);
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        );
+    };
+    let subscriptions: usize = topics.iter().map(|t| t.subscriber_count()).sum();
+    gauge(
+        "pubsub_connections",
+        "Open WebSocket and SSE connections.",
+        broker.sessions.load(Ordering::Acquire) as u64,
+    );
+    gauge("pubsub_topics", "Topics.", topics.len() as u64);
+    gauge(
+        "pubsub_subscriptions",
+        "Subscriptions, over all topics.",
+        subscriptions as u64,
+    );
+    gauge(
+        "pubsub_uptime_seconds",
+        "Seconds since the broker started.",
+        broker.started.elapsed().as_secs(),
+    );
+    gauge(
+        "pubsub_memory_bytes",
+        "Bytes the memory budget counts now.",
+        broker.budget.used() as u64,
+    );
+    gauge(
+        "pubsub_memory_limit_bytes",
+        "MEMORY_LIMIT.",
+        broker.budget.limit as u64,
+    );
+    let per_topic: [PerTopic; 3] = [
+        (
+            "pubsub_messages_published_total",
+            "Messages published to the topic.",
+            |t| t.published(),
+        ),
+        (
+            "pubsub_messages_delivered_total",
+            "Events written to the topic's subscribers (replays included).",
+            |t| t.shared.delivered.load(Ordering::Relaxed),
+        ),
+        (
+            "pubsub_messages_dropped_total",
+            "Events dropped for the topic's slow subscribers.",
+            |t| t.shared.dropped.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in per_topic {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
+        for topic in &topics {
+            let _ = writeln!(
+                out,
+                "{name}{{topic=\"{}\"}} {}",
+                escape_label(&topic.name),
+                value(topic)
+            );
+        }
+    }
+    let notices = broker.slow_notices.load(Ordering::Relaxed);
+    let name = "pubsub_slow_consumer_notices_total";
+    let _ = write!(
+        out,
+        "# HELP {name} SLOW_CONSUMER notices sent.\n# TYPE {name} counter\n{name} {notices}\n"
+    );
+    Response::new(
+        200,
+        "text/plain; version=0.0.4",
+        Cow::Owned(out.into_bytes()),
+    )
+}
+
+/// A label value escaped as the exposition format requires: backslash, double quote and
+/// line feed. Topic names cannot hold any of them today; the format is kept anyway.
+pub(crate) fn escape_label(value: &str) -> Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 pub(crate) fn check_topic_name(name: &str) -> Result<(), String> {
@@ -2786,6 +3101,8 @@ struct Subscriptions {
     /// Topic name → the topic subscribed to (the `Arc` identifies the incarnation: a topic
     /// deleted and re-created is another one).
     topics: HashMap<String, Arc<Topic>>,
+    /// Events written of one topic in a row, added to its `delivered` when the run ends.
+    run: Option<(Arc<TopicShared>, u64)>,
 }
 
 /// A subscription made: the topic, and its replay (empty if it was already subscribed).
@@ -2821,6 +3138,26 @@ impl Subscriptions {
             broker,
             id,
             topics: HashMap::new(),
+            run: None,
+        }
+    }
+
+    /// Counts a delivery of `event`'s topic: a pointer comparison, and an atomic add only
+    /// when the topic changes (and at the end of each drain).
+    fn count(&mut self, event: &Event) {
+        match &mut self.run {
+            Some((topic, n)) if Arc::ptr_eq(topic, &event.topic) => *n += 1,
+            run => {
+                if let Some((topic, n)) = run.replace((Arc::clone(&event.topic), 1)) {
+                    topic.delivered.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn end_run(&mut self) {
+        if let Some((topic, n)) = self.run.take() {
+            topic.delivered.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -2832,11 +3169,14 @@ impl Subscriptions {
                 break;
             };
             w.event(&event);
+            self.count(&event);
             w.write_if_full().await?;
         }
+        self.end_run();
         let dropped = self.outbox.dropped.swap(0, Ordering::AcqRel);
         if dropped > 0 {
             w.dropped(dropped);
+            self.broker.slow_notices.fetch_add(1, Ordering::Relaxed);
         }
         let deleted = self.outbox.take_deleted();
         if !deleted.is_empty() {
@@ -2872,9 +3212,11 @@ impl Subscriptions {
             };
             if !skip.is_some_and(|topic| Arc::ptr_eq(&event.topic, topic)) {
                 w.event(&event);
+                self.count(&event);
                 w.write_if_full().await?;
             }
         }
+        self.end_run();
         Ok(())
     }
 
@@ -2920,11 +3262,13 @@ impl Subscriptions {
         Ok(Ok(Joined { topic, backlog }))
     }
 
-    async fn replay(w: &mut impl Writer, events: &[Arc<Event>]) -> std::io::Result<()> {
+    async fn replay(&mut self, w: &mut impl Writer, events: &[Arc<Event>]) -> std::io::Result<()> {
         for event in events {
             w.replayed(event);
+            self.count(event);
             w.write_if_full().await?;
         }
+        self.end_run();
         Ok(())
     }
 
@@ -3260,6 +3604,8 @@ struct Session {
     writer: WsWriter,
     heartbeat: Heartbeat,
     publisher: Publisher,
+    /// `RATE_LIMIT` for this connection: publishes and replaying subscribes.
+    bucket: Option<TokenBucket>,
     stop: watch::Receiver<Option<Instant>>,
 }
 
@@ -3275,6 +3621,10 @@ impl Session {
         let heartbeat = Heartbeat::new(broker.config.heartbeat, true);
         let subscriptions = Subscriptions::new(broker);
         Session {
+            bucket: subscriptions
+                .broker
+                .rate()
+                .map(|(_, burst)| TokenBucket::new(burst)),
             publisher: Publisher::new(subscriptions.id),
             subscriptions,
             writer,
@@ -3411,8 +3761,38 @@ impl Session {
         }
     }
 
+    /// A request that costs a token under `RATE_LIMIT` (a publish, or a subscribe that asks
+    /// for a replay): refused with `retry_after_ms` when there is none.
+    fn over_rate(&mut self, request_id: Option<&RawValue>) -> bool {
+        let (Some(bucket), Some((rate, burst))) =
+            (&mut self.bucket, self.subscriptions.broker.rate())
+        else {
+            return false;
+        };
+        let Err(wait) = bucket.take(rate, burst) else {
+            return false;
+        };
+        let e = rate_limited(wait);
+        let ms = wait.as_millis().max(1) as u64;
+        self.writer.message("error", Timestamp::now(), |json| {
+            json.request_id(request_id)
+                .error(e.code, &e.message)
+                .num("retry_after_ms", ms)
+        });
+        true
+    }
+
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
         let (request_id, request) = decode(text);
+        let costly = match &request {
+            Ok(ClientRequest::Publish { .. }) => true,
+            Ok(ClientRequest::Subscribe { replay, .. }) => *replay != Replay::Last(0),
+            _ => false,
+        };
+        if costly && self.over_rate(request_id) {
+            self.writer.write_if_full().await?;
+            return Ok(());
+        }
         match request {
             Err(e) => self.writer.error(request_id, e),
             Ok(ClientRequest::Ping) => {
@@ -3476,7 +3856,9 @@ impl Session {
                 json
             }
         });
-        Subscriptions::replay(&mut self.writer, &backlog.events).await?;
+        self.subscriptions
+            .replay(&mut self.writer, &backlog.events)
+            .await?;
         Ok(())
     }
 
@@ -3679,7 +4061,9 @@ impl SseStream {
                 json
             }
         });
-        if Subscriptions::replay(&mut sse.writer, &backlog.events)
+        if sse
+            .subscriptions
+            .replay(&mut sse.writer, &backlog.events)
             .await
             .is_ok()
         {

@@ -3681,3 +3681,334 @@ async fn idle_connections_cost_the_same_after_a_burst_as_before() {
     assert_eq!(health(addr).await["connections"], CONNECTIONS as u64);
     drop(clients);
 }
+
+// ---- operating it: metrics, the API key, rate limits ----
+
+/// `/metrics` parsed: metric name (with its labels) → value; every sample must have had its
+/// `# HELP` and `# TYPE` lines first.
+async fn scrape(addr: SocketAddr, query: &str) -> std::collections::HashMap<String, f64> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /metrics{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let response = String::from_utf8(read_until_closed(&mut stream).await).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let mut typed = HashSet::new();
+    let mut helped = HashSet::new();
+    let mut samples = std::collections::HashMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(matches!(kind, "gauge" | "counter"), "{line}");
+            assert!(kind != "counter" || name.ends_with("_total"), "{line}");
+            typed.insert(name.to_string());
+        } else {
+            let (series, value) = line.rsplit_once(' ').expect("name value");
+            let name = series.split('{').next().unwrap();
+            assert!(
+                typed.contains(name) && helped.contains(name),
+                "HELP and TYPE before {line}"
+            );
+            samples.insert(series.to_string(), value.parse::<f64>().expect("a number"));
+        }
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_publishes_deliveries_and_drops_as_they_happen() {
+    let addr = start(Config {
+        queue_size: 4,
+        ..quiet()
+    })
+    .await;
+    create(addr, "m").await;
+    create(addr, "other").await;
+    let mut reader = Client::connect(addr).await;
+    reader.subscribe("m", 0).await;
+    let mut publisher = Client::connect(addr).await;
+    for i in 0..5 {
+        publisher.publish("m", json!(i)).await;
+    }
+    for _ in 0..5 {
+        reader.event().await;
+    }
+    // A replay is a delivery too.
+    let mut late = Client::connect(addr).await;
+    late.subscribe("m", 2).await;
+    for _ in 0..2 {
+        late.event().await;
+    }
+    let m = scrape(addr, "").await;
+    assert_eq!(m[r#"pubsub_messages_published_total{topic="m"}"#], 5.0);
+    assert_eq!(m[r#"pubsub_messages_published_total{topic="other"}"#], 0.0);
+    assert_eq!(m[r#"pubsub_messages_delivered_total{topic="m"}"#], 7.0);
+    assert_eq!(m[r#"pubsub_messages_dropped_total{topic="m"}"#], 0.0);
+    assert_eq!(m["pubsub_topics"], 2.0);
+    assert_eq!(m["pubsub_subscriptions"], 2.0);
+    assert_eq!(m["pubsub_connections"], 3.0);
+    assert!(m["pubsub_uptime_seconds"] >= 0.0);
+    assert!(m["pubsub_memory_bytes"] > 0.0);
+    assert_eq!(m["pubsub_memory_limit_bytes"], 1073741824.0);
+    assert_eq!(m["pubsub_slow_consumer_notices_total"], 0.0);
+
+    // Drops: on another topic, a subscriber with a small receive buffer that reads nothing
+    // while 3,000 events of 4 KiB arrive (its queue holds 4).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut deaf = socket.connect(addr).await.unwrap();
+    deaf.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let subscribe = br#"{"type":"subscribe","topic":"other","request_id":"d"}"#;
+    deaf.write_all(&client_frame(0x1, subscribe)).await.unwrap();
+    counts_become(addr, 4, 3).await;
+    let fill = "f".repeat(4096);
+    for i in 0..3000 {
+        let message =
+            json!({"type":"publish","topic":"other","message":{"payload":{"i":i,"fill":fill}}});
+        publisher.send(message).await;
+    }
+    for _ in 0..3000 {
+        assert_eq!(publisher.recv().await["type"], "ack");
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let dropped = loop {
+        let m = scrape(addr, "").await;
+        let dropped = m[r#"pubsub_messages_dropped_total{topic="other"}"#];
+        if dropped > 0.0 {
+            break dropped;
+        }
+        assert!(Instant::now() < deadline, "drops are counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(dropped <= 3000.0);
+    let stats = http(addr, "GET", "/stats", None).await.body;
+    assert_eq!(
+        stats["topics"]["other"]["dropped"].as_f64().unwrap(),
+        dropped
+    );
+    // Once the deaf subscriber reads, it gets its notice, and the counter says so.
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + DEADLINE;
+    while !String::from_utf8_lossy(&received).contains("SLOW_CONSUMER") {
+        assert!(Instant::now() < deadline, "the notice comes");
+        let n = timeout(DEADLINE, deaf.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        received.extend_from_slice(&chunk[..n]);
+    }
+    eventually("the notice is counted", || async move {
+        let m = scrape(addr, "").await;
+        match m["pubsub_slow_consumer_notices_total"] {
+            n if n >= 1.0 => Ok(()),
+            n => Err(n.to_string()),
+        }
+    })
+    .await;
+    let m = scrape(addr, "").await;
+    assert_eq!(
+        m[r#"pubsub_messages_published_total{topic="other"}"#],
+        3000.0
+    );
+    assert_eq!(m[r#"pubsub_messages_delivered_total{topic="m"}"#], 7.0);
+    assert_eq!(m[r#"pubsub_messages_dropped_total{topic="m"}"#], 0.0);
+}
+
+#[test]
+fn metric_labels_are_escaped_as_the_format_requires() {
+    assert_eq!(server::escape_label("orders.eu-1"), "orders.eu-1");
+    assert_eq!(server::escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_guards_every_route_but_health_and_the_console_page() {
+    let addr = start(Config {
+        api_key: Some("k3y/+=%".into()),
+        ..quiet()
+    })
+    .await;
+    let with = |key: &str| format!("X-API-Key: {key}\r\n");
+    let request = |method: &str, path: &str, headers: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // No key, a wrong key, a key that is only a prefix: 401 everywhere that is guarded.
+    for headers in [String::new(), with("wrong"), with("k3y"), with("k3y/+=%x")] {
+        for (method, path, body) in [
+            ("GET", "/topics", ""),
+            ("POST", "/topics", r#"{"name":"x"}"#),
+            ("DELETE", "/topics/x", ""),
+            ("GET", "/stats", ""),
+            ("GET", "/metrics", ""),
+            ("POST", "/topics/x/messages", r#"{"payload":1}"#),
+            ("GET", "/topics/x/events", ""),
+        ] {
+            let response = raw_http(addr, request(method, path, &headers, body).as_bytes()).await;
+            assert_eq!(response.status, 401, "{method} {path} with {headers:?}");
+            assert_eq!(response.body["error"]["code"], "UNAUTHORIZED");
+        }
+    }
+    // Open without a key: the health probe and the console page.
+    assert_eq!(http(addr, "GET", "/health", None).await.status, 200);
+    let mut page = TcpStream::connect(addr).await.unwrap();
+    page.write_all(request("GET", "/", "", "").as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut page)
+            .await
+            .starts_with(b"HTTP/1.1 200")
+    );
+    // The key in the header, or in the query (percent-encoded, as a browser would send it).
+    let created = raw_http(
+        addr,
+        request("POST", "/topics", &with("k3y/+=%"), r#"{"name":"x"}"#).as_bytes(),
+    )
+    .await;
+    assert_eq!(created.status, 201);
+    let listed = http(addr, "GET", "/topics?api_key=k3y%2F%2B%3D%25", None).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    // WebSocket: refused with 401 before any upgrade without the key, accepted with it.
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?api_key=k3y%2F%2B%3D%25"))
+            .await
+            .unwrap();
+    ws.send(Message::Text(r#"{"type":"ping","request_id":1}"#.into()))
+        .await
+        .unwrap();
+    let pong = timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(pong.to_text().unwrap().contains("pong"));
+    // SSE with the key.
+    let (head, _) = Sse::open(addr, "/topics/x/events", &with("k3y/+=%")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_another_interface_without_a_key_warns_at_start() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+        .env("HOST", "0.0.0.0")
+        .env("PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .take(2)
+            .collect::<Vec<_>>()
+    });
+    let lines = tokio::task::spawn_blocking(move || lines.join().unwrap())
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines[0].contains("listening on 0.0.0.0:"), "{lines:?}");
+    assert!(
+        lines[1].contains("WARN") && lines[1].contains("API_KEY"),
+        "{lines:?}"
+    );
+    // On loopback (the default), or with a key, there is no warning: every other test's
+    // startup line is the first and only line before traffic.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_refuse_with_a_sane_retry_after_and_accept_again_after_it() {
+    let addr = start(Config {
+        rate_limit: 4,
+        rate_burst: 3,
+        ..quiet()
+    })
+    .await;
+    create(addr, "r").await;
+    let mut client = Client::connect(addr).await;
+    for _ in 0..3 {
+        client.publish("r", json!(1)).await;
+    }
+    let publish = json!({"type":"publish","topic":"r","message":{"payload":2}});
+    let (refused, _) = client.request(publish.clone()).await;
+    assert_eq!(refused["error"]["code"], "RATE_LIMITED", "{refused}");
+    let wait = refused["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (1..=250).contains(&wait),
+        "4/s refills a token within 250 ms: {wait}"
+    );
+    // Not carried out, and the connection is still served.
+    assert_eq!(
+        http(addr, "GET", "/stats", None).await.body["topics"]["r"]["messages"],
+        3
+    );
+    let (pong, _) = client.request(json!({"type":"ping"})).await;
+    assert_eq!(pong["type"], "pong", "pings are free");
+    // A plain subscribe is free; one that asks for a replay costs a token.
+    let (ack, _) = client
+        .request(json!({"type":"subscribe","topic":"r"}))
+        .await;
+    assert_eq!(ack["type"], "ack");
+    let mut other = Client::connect(addr).await;
+    assert_eq!(other.publish("r", json!("others are unaffected")).await, 4);
+    // Waiting as long as told is enough.
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let (accepted, _) = client.request(publish).await;
+    assert_eq!(accepted["type"], "ack", "{accepted}");
+    let (refused, before) = client
+        .request(json!({"type":"subscribe","topic":"r","last_n":5}))
+        .await;
+    assert!(before.iter().all(|e| e["type"] == "event"));
+    assert_eq!(
+        refused["error"]["code"], "RATE_LIMITED",
+        "a replay is counted: {refused}"
+    );
+
+    // REST publishes, per client address: 429 with Retry-After.
+    let body = r#"{"payload":1}"#;
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(
+                http(addr, "POST", "/topics/r/messages", Some(body))
+                    .await
+                    .status,
+            );
+        }
+        statuses
+    };
+    assert_eq!(statuses, [201, 201, 201, 429]);
+    let refused = http(addr, "POST", "/topics/r/messages", Some(body)).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.body["error"]["code"], "RATE_LIMITED");
+    assert!(
+        refused.head.contains("Retry-After: 1\r\n"),
+        "{}",
+        refused.head
+    );
+    let wait = refused.body["retry_after_ms"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    assert_eq!(
+        http(addr, "POST", "/topics/r/messages", Some(body))
+            .await
+            .status,
+        201
+    );
+}
