@@ -5,10 +5,13 @@
 //
 // Starts the broker on a free port, drives two pages of Debian's Chromium with playwright-core
 // (create, subscribe, publish, invalid JSON, a dropped WebSocket and its resume with since_seq,
-// delete), saves a screenshot to docs/console.png and stops the broker by its PID.
+// delete) and saves a screenshot to docs/console.png. Then a second broker with API_KEY set: a
+// fresh page must ask for the key, refuse a wrong one, and work with the right one. Each broker is
+// stopped by its PID, on failure too.
 // Environment (all optional):
 //   CHROMIUM=/usr/bin/chromium   the browser to drive
 //   SCREENSHOT=docs/console.png  where the desktop screenshot goes
+//   KEY_SCREENSHOT=PATH          also save the API key prompt (not by default)
 //   CONSOLE_HTML=console.html    serve this file at / through a small local proxy in front of
 //                                the broker, instead of the copy compiled into the binary (for
 //                                iterating on the page without rebuilding)
@@ -29,27 +32,34 @@ const OVERALL_MS = 60_000;
 const WAIT_MS = 10_000;        // any single condition
 const TOPIC = 'orders';
 
-let server = null, serverLog = '', proxy = null, context = null, userDataDir = null;
+const servers = [];             // { name, proc, log } of every broker started
+const proxies = [];
+let context = null, userDataDir = null;
 let passed = 0, cleaning = false;
 
+async function stopServer(srv) {
+  const { proc } = srv;
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  proc.removeAllListeners('exit');
+  const exited = new Promise((r) => proc.once('exit', r));
+  process.kill(proc.pid, 'SIGTERM');
+  await Promise.race([exited, new Promise((r) => setTimeout(r, 3000))]);
+  if (proc.exitCode === null && proc.signalCode === null) process.kill(proc.pid, 'SIGKILL');
+}
 async function cleanup() {
   if (cleaning) return;
   cleaning = true;
   if (context) await context.close().catch(() => {});
-  if (proxy) proxy.close();
-  if (server && server.exitCode === null && server.signalCode === null) {
-    server.removeAllListeners('exit');
-    const exited = new Promise((r) => server.once('exit', r));
-    process.kill(server.pid, 'SIGTERM');
-    await Promise.race([exited, new Promise((r) => setTimeout(r, 3000))]);
-    if (server.exitCode === null && server.signalCode === null) process.kill(server.pid, 'SIGKILL');
-  }
+  for (const p of proxies) p.close();
+  for (const srv of servers) await stopServer(srv);
   if (userDataDir) rmSync(userDataDir, { recursive: true, force: true });
 }
 async function fail(message) {
   if (cleaning) return;
   console.error(`\nconsole test FAILED: ${message}`);
-  if (serverLog) console.error(`--- broker stderr (last lines) ---\n${serverLog.split('\n').slice(-30).join('\n')}`);
+  for (const { name, log } of servers) {
+    if (log) console.error(`--- ${name} stderr (last lines) ---\n${log.split('\n').slice(-30).join('\n')}`);
+  }
   console.error(`console: ${passed} passed, 1 failed`);
   await cleanup();
   process.exit(1);
@@ -65,27 +75,39 @@ async function check(name, fn) {
 function assert(cond, message) { if (!cond) throw new Error(message); }
 
 // ---- The broker ----
-function startServer() {
-  return new Promise((resolveAddr, reject) => {
-    const env = { ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', AUTO_CREATE: 'false' };
-    server = spawn(BINARY, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
-    const timer = setTimeout(() => reject(new Error('no "listening on" line within 10 s')), 10_000);
-    server.on('error', (err) => { clearTimeout(timer); reject(err); });
-    server.on('exit', (code, sig) => { clearTimeout(timer); reject(new Error(`broker exited early (${code ?? sig})`)); });
-    server.stderr.setEncoding('utf8');
-    server.stderr.on('data', (chunk) => {
-      serverLog += chunk;
-      const m = serverLog.match(/listening on (127\.0\.0\.1:\d+)/);
-      if (m) { clearTimeout(timer); resolveAddr(m[1]); }
+// Starts one broker on a free port (extra environment on top of the test's), and once it listens,
+// turns an unexpected exit into a failure. Returns { srv, addr }.
+async function startServer(name, extraEnv = {}) {
+  const env = { ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', AUTO_CREATE: 'false', ...extraEnv };
+  if (!('API_KEY' in extraEnv)) delete env.API_KEY;
+  const proc = spawn(BINARY, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  const srv = { name, proc, log: '' };
+  servers.push(srv);
+  let addr;
+  try {
+    addr = await new Promise((resolveAddr, reject) => {
+      const timer = setTimeout(() => reject(new Error('no "listening on" line within 10 s')), 10_000);
+      proc.on('error', (err) => { clearTimeout(timer); reject(err); });
+      proc.on('exit', (code, sig) => { clearTimeout(timer); reject(new Error(`broker exited early (${code ?? sig})`)); });
+      proc.stderr.setEncoding('utf8');
+      proc.stderr.on('data', (chunk) => {
+        srv.log += chunk;
+        const m = srv.log.match(/listening on (127\.0\.0\.1:\d+)/);
+        if (m) { clearTimeout(timer); resolveAddr(m[1]); }
+      });
     });
-  });
+  } catch (err) { await fail(`starting ${BINARY} (${name}): ${err.message}`); }
+  proc.removeAllListeners('exit');
+  proc.on('exit', (code, sig) => fail(`${name} exited during the test (${code ?? sig})`));
+  return { srv, addr };
 }
 
 // Optional: serve CONSOLE_HTML at / and pass every other request (WebSocket upgrades included)
 // through to the broker, so the page stays same-origin.
+// The query (?api_key=) and the headers (X-API-Key) go through unchanged, for REST and upgrades.
 function startProxy(backend, file) {
   const [bhost, bport] = backend.split(':');
-  proxy = http.createServer((req, res) => {
+  const proxy = http.createServer((req, res) => {
     if (req.method === 'GET' && (req.url === '/' || req.url.startsWith('/?'))) {
       res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
       return res.end(readFileSync(file));
@@ -104,6 +126,7 @@ function startProxy(backend, file) {
     });
     up.on('error', () => socket.destroy()); socket.on('error', () => up.destroy());
   });
+  proxies.push(proxy);
   return new Promise((r) => proxy.listen(0, '127.0.0.1', () => r(`127.0.0.1:${proxy.address().port}`)));
 }
 
@@ -125,13 +148,15 @@ async function eventSeqs(page) {
 
 // ---- The test ----
 if (!BINARY) await fail('usage: node .ci/console-test.mjs PATH_TO_PUBSUB_BINARY');
-let addr;
-try { addr = await startServer(); } catch (err) { await fail(`starting ${BINARY}: ${err.message}`); }
-server.removeAllListeners('exit');
-server.on('exit', (code, sig) => fail(`broker exited during the test (${code ?? sig})`));
-const host = process.env.CONSOLE_HTML ? await startProxy(addr, resolve(process.env.CONSOLE_HTML)) : addr;
+// The console's address for a broker: the broker itself, or a proxy serving CONSOLE_HTML.
+async function consoleHost(name, addr) {
+  const host = process.env.CONSOLE_HTML ? await startProxy(addr, resolve(process.env.CONSOLE_HTML)) : addr;
+  console.log(`${name} at ${addr}; console at http://${host}/${process.env.CONSOLE_HTML ? ` (serving ${process.env.CONSOLE_HTML})` : ''}`);
+  return host;
+}
+const { srv: server1, addr } = await startServer('broker');
+const host = await consoleHost('broker', addr);
 const base = `http://${host}/`;
-console.log(`broker at ${addr}; console at ${base}${process.env.CONSOLE_HTML ? ` (serving ${process.env.CONSOLE_HTML})` : ''}`);
 
 userDataDir = mkdtempSync(join(tmpdir(), 'console-test-'));
 try {
@@ -145,17 +170,22 @@ try {
 } catch (err) { await fail(`launching ${CHROMIUM}: ${err.message.split('\n')[0]}`); }
 
 const pageErrors = [];
-async function openConsole(name) {
+// Opens the console in a new page; waits for "connected" unless told not to.
+async function openConsole(name, { url = base, connected = true, onPage = () => {} } = {}) {
   const page = await context.newPage();
   page.on('pageerror', (err) => pageErrors.push(`${name}: ${err.message}`));
-  // Browser console errors are shown for diagnosis (not failures); the 409 the test provokes on
-  // purpose logs "Failed to load resource", which is left out.
+  // Browser console errors are shown for diagnosis (not failures); the 409 and 401s the test
+  // provokes on purpose log "Failed to load resource" (and a refused WebSocket upgrade), left out.
   page.on('console', (msg) => {
-    if (msg.type() === 'error' && !msg.text().startsWith('Failed to load resource')) console.log(`  [${name} console] ${msg.text()}`);
+    const t = msg.text();
+    if (msg.type() === 'error' && !t.startsWith('Failed to load resource') && !/WebSocket connection to .* failed: (HTTP Authentication failed|.*response code: 401)/.test(t)) {
+      console.log(`  [${name} console] ${t}`);
+    }
   });
-  const res = await page.goto(base);
+  onPage(page);
+  const res = await page.goto(url);
   assert(res && res.ok(), `GET / answered ${res ? res.status() : 'nothing'} (does the broker serve the console?)`);
-  await waitFor(page, '#status[data-state="connected"]');
+  if (connected) await waitFor(page, '#status[data-state="connected"]');
   return page;
 }
 let p1, p2;
@@ -275,6 +305,129 @@ await check('delete the topic: page 1 is told and forgets the subscription', asy
 });
 
 await check('no uncaught errors in the pages', async () => {
+  assert(pageErrors.length === 0, pageErrors.join('; '));
+});
+
+// ---- Phase 2: a broker with API_KEY ----
+const KEY = 'open-sesame';
+await p1.close();
+await p2.close();
+await stopServer(server1);
+const { addr: keyAddr } = await startServer('broker with API_KEY', { API_KEY: KEY });
+const keyHost = await consoleHost('broker with API_KEY', keyAddr);
+const keyBase = `http://${keyHost}/`;
+const visible = (page, selector) => page.waitForSelector(selector, { state: 'visible', timeout: WAIT_MS });
+let k;
+const traffic = { requests: [], sockets: [] };    // what page k asked of the broker, in order
+
+await check('API_KEY: REST without the key is 401 UNAUTHORIZED, with it (header or query) 200', async () => {
+  for (const [how, url, headers, want] of [['no key', `${keyBase}stats`, {}, 401],
+    ['X-API-Key header', `${keyBase}stats`, { 'X-API-Key': KEY }, 200],
+    ['?api_key=', `${keyBase}stats?api_key=${encodeURIComponent(KEY)}`, {}, 200],
+    ['health, open', `${keyBase}health`, {}, 200]]) {
+    const res = await fetch(url, { headers });
+    assert(res.status === want, `${how}: ${res.status}, expected ${want}`);
+    if (want === 401) {
+      const body = await res.json();
+      assert(body.error && body.error.code === 'UNAUTHORIZED', `401 body ${JSON.stringify(body)}`);
+    } else await res.arrayBuffer();
+  }
+});
+
+await check('a fresh page asks for the key, in words, and loads no data', async () => {
+  k = await openConsole('key page', { url: keyBase, connected: false, onPage: (page) => {
+    page.on('request', (r) => traffic.requests.push(`${r.method()} ${r.url()}`));
+    page.on('websocket', (ws) => traffic.sockets.push(ws.url()));
+  } });
+  await visible(k, '#api-key');
+  await visible(k, '#api-key-save');
+  const why = await text(k, '#key-panel');
+  assert(why.includes('This broker requires an API key (API_KEY). Enter it to continue.'), `prompt says ${JSON.stringify(why)}`);
+  assert(await text(k, '#api-key-msg') === '', 'a refusal is shown before any key was entered');
+  await waitFor(k, '#status[data-state="locked"]');
+  assert(await k.locator('#topics tbody tr').count() === 0, 'the topic list has rows');
+  assert(await k.locator(entry({ type: 'event' })).count() === 0, 'events were logged');
+  assert(/needs the API key/.test(await text(k, '#stats-error')), 'the topic list does not say why it is empty');
+  assert(await k.evaluate(() => document.activeElement.id) === 'api-key', 'the key input does not have the focus');
+  if (process.env.KEY_SCREENSHOT) await k.screenshot({ path: resolve(process.env.KEY_SCREENSHOT) });
+});
+
+await check('while it waits for the key it stops polling /stats and reconnecting', async () => {
+  const before = [traffic.requests.length, traffic.sockets.length];
+  const skipped = await k.evaluate(() => window.consoleState.skippedPolls);
+  // Two ticks of the 2 s topic-list timer: a reconnect (every 0.5–5 s) or a poll would show.
+  await k.waitForFunction((n) => window.consoleState.skippedPolls >= n + 2, skipped, { timeout: WAIT_MS });
+  const after = [traffic.requests.length, traffic.sockets.length];
+  assert(after[0] === before[0] && after[1] === before[1],
+    `requests ${traffic.requests.slice(before[0]).join(', ') || 'none'}; WebSockets ${traffic.sockets.slice(before[1]).join(', ') || 'none'}`);
+  assert(await k.evaluate(() => window.consoleState.ws.readyState) === 3, 'the WebSocket is not closed');
+});
+
+await check('a wrong key is refused: the prompt stays, says so, and the key is not kept', async () => {
+  await k.fill('#api-key', 'wrong-key');
+  await k.click('#api-key-save');
+  await k.waitForFunction(() => /refused that key/.test(document.getElementById('api-key-msg').textContent), null, { timeout: WAIT_MS });
+  await visible(k, '#api-key');
+  assert(await k.locator('#key-panel').isVisible(), 'the key form is hidden');
+  assert(await k.locator('#status[data-state="locked"]').count() === 1, `status is ${await text(k, '#status')}`);
+  assert(await k.evaluate(() => window.consoleState.apiKey) === '', 'the wrong key is still in use');
+  assert(await k.evaluate(() => Object.keys(sessionStorage).length) === 0, 'the wrong key is in sessionStorage');
+  assert(await k.locator(entry({ type: 'key', refused: 'true' })).count() === 1, 'the log does not say the key was refused');
+});
+
+await check('the right key: the form goes, the page connects, the topic list loads', async () => {
+  await k.fill('#api-key', KEY);
+  await k.click('#api-key-save');
+  await waitFor(k, '#status[data-state="connected"]');
+  await k.waitForSelector('#key-panel', { state: 'hidden', timeout: WAIT_MS });
+  await k.waitForFunction(() => /No topics yet/.test(document.querySelector('#topics tbody').textContent), null, { timeout: WAIT_MS });
+  assert(await text(k, '#stats-error') === '', `stats error ${await text(k, '#stats-error')}`);
+  assert(await text(k, '#stats-cmd') === `curl -s http://${keyHost}/stats -H 'X-API-Key: ${KEY}'`, `stats line ${await text(k, '#stats-cmd')}`);
+  assert(traffic.sockets.at(-1) === `ws://${keyHost}/ws?api_key=${KEY}`, `WebSocket URL ${traffic.sockets.at(-1)}`);
+  assert(await k.evaluate(() => Object.values(sessionStorage)) + '' === KEY, 'the key is not in sessionStorage');
+  assert(await k.locator('#api-key').inputValue() === '', 'the key stays in the input');
+});
+
+await check('with the key: create, subscribe and publish; the commands carry the key; event seq 1', async () => {
+  await k.fill('#topic', TOPIC);
+  await k.click('#create');
+  await waitFor(k, entry({ dir: 'in', type: 'rest', status: 201 }));
+  const curl = await text(k, '#teach [data-cmd="curl"] pre');
+  const want = `curl -s -X POST http://${keyHost}/topics -H 'X-API-Key: ${KEY}' -H 'Content-Type: application/json' -d '{"name":"${TOPIC}"}'`;
+  assert(curl === want, `curl line is ${JSON.stringify(curl)}, expected ${JSON.stringify(want)}`);
+  await waitFor(k, `#topics tr[data-topic="${TOPIC}"]`);
+  await k.click('#subscribe');
+  await waitFor(k, entry({ dir: 'in', type: 'ack', kind: 'subscribe', topic: TOPIC }));
+  const websocat = await text(k, '#teach [data-cmd="websocat"] pre');
+  assert(websocat === `websocat 'ws://${keyHost}/ws?api_key=${KEY}'`, `websocat line ${websocat}`);
+  const sse = await text(k, '#teach [data-cmd="sse"] pre');
+  assert(sse === `curl -N 'http://${keyHost}/topics/${TOPIC}/events?api_key=${KEY}'`, `SSE line ${sse}`);
+  await publishFrom(k, '{"amount": 1}', 1);
+  const rest = await text(k, '#teach [data-cmd="rest"] pre');
+  assert(rest === `curl -s -X POST http://${keyHost}/topics/${TOPIC}/messages -H 'X-API-Key: ${KEY}' -H 'Content-Type: application/json' -d '{"payload":{"amount":1}}'`,
+    `REST publish line ${rest}`);
+  await waitFor(k, entry({ dir: 'in', type: 'event', topic: TOPIC, seq: 1 }));
+  const seqs = await eventSeqs(k);
+  assert(seqs.length === 1 && seqs[0].seq === 1 && !seqs[0].replay, `events ${JSON.stringify(seqs)}`);
+  assert(!(await text(k, '#log')).includes(KEY), 'the log shows the key');
+});
+
+await check('a reload keeps the key (sessionStorage): connected with no prompt', async () => {
+  await k.reload();
+  await waitFor(k, '#status[data-state="connected"]');
+  assert(!(await k.locator('#key-panel').isVisible()), 'the key form is shown after a reload');
+  await waitFor(k, `#topics tr[data-topic="${TOPIC}"]`);
+});
+
+await check('"Forget API key" stops using it: the prompt comes back', async () => {
+  await k.click('#api-key-forget');
+  await visible(k, '#api-key');
+  await waitFor(k, '#status[data-state="locked"]');
+  assert(await text(k, '#api-key-msg') === '', 'a forgotten key is reported as refused');
+  assert(await k.evaluate(() => Object.keys(sessionStorage).length) === 0, 'sessionStorage still holds the key');
+});
+
+await check('no uncaught errors in the API key page', async () => {
   assert(pageErrors.length === 0, pageErrors.join('; '));
 });
 
