@@ -961,7 +961,7 @@ async fn heartbeats_ping_and_silent_peers_are_closed() {
     });
     // A silent peer: a raw upgrade that never sends another byte.
     let mut raw = TcpStream::connect(addr).await.unwrap();
-    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    raw.write_all(UPGRADE).await.unwrap();
     let mut received = Vec::new();
     let closed = timeout(DEADLINE, raw.read_to_end(&mut received)).await;
     assert!(closed.is_ok(), "the server closed the silent connection");
@@ -1278,10 +1278,46 @@ async fn connections_beyond_the_limit_get_503_before_any_upgrade() {
 
 // ---- hostile input: WebSocket ----
 
+/// A WebSocket upgrade request, for clients made by hand.
+const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A WebSocket opened by hand with a 4 KiB receive buffer, never read (not even its 101):
+/// the server's output backs up after a few KiB.
+async fn small_buffer_websocket(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(UPGRADE).await.unwrap();
+    stream
+}
+
+/// Subscribe frames for each topic in `topics`, to be sent in one write.
+fn subscribe_frames(topics: impl Iterator<Item = String>) -> Vec<u8> {
+    topics
+        .flat_map(|topic| {
+            client_frame(
+                0x1,
+                format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#).as_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// `n` raw WebSockets that send `frames` and then never read a byte.
+async fn deaf_subscribers(addr: SocketAddr, frames: &[u8], n: usize) -> Vec<TcpStream> {
+    let mut deaf = Vec::new();
+    for _ in 0..n {
+        let mut stream = raw_websocket(addr).await;
+        stream.write_all(frames).await.unwrap();
+        deaf.push(stream);
+    }
+    deaf
+}
+
 /// A WebSocket opened by hand, for sending frames no client library would.
 async fn raw_websocket(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    stream.write_all(UPGRADE).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
@@ -2132,20 +2168,8 @@ async fn soak() {
 
     // Two subscribers of the flooded topics that never read, and two flooders publishing
     // 48 KiB messages to them: 10 rings of 50 such events alone would be 24 MiB.
-    let subscribe_flooded: Vec<u8> = (0..FLOODED)
-        .flat_map(|t| {
-            client_frame(
-                0x1,
-                format!(r#"{{"type":"subscribe","topic":"flood{t}"}}"#).as_bytes(),
-            )
-        })
-        .collect();
-    let mut deaf = Vec::new();
-    for _ in 0..2 {
-        let mut stream = raw_websocket(addr).await;
-        stream.write_all(&subscribe_flooded).await.unwrap();
-        deaf.push(stream);
-    }
+    let subscribe_flooded = subscribe_frames((0..FLOODED).map(|t| format!("flood{t}")));
+    let deaf = deaf_subscribers(addr, &subscribe_flooded, 2).await;
     let flooders: Vec<_> = (0..2)
         .map(|f| {
             tokio::spawn(async move {
@@ -3322,10 +3346,7 @@ async fn a_client_that_floods_pings_then_sends_close_and_reads_nothing_is_droppe
     })
     .await;
     // A small receive buffer, never read: the server's Pongs back up quickly.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    stream.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut stream = small_buffer_websocket(addr).await;
     counts_become(addr, 1, 0).await;
     let ping = client_frame(0x9, &[b'p'; 125]);
     let flood: Vec<u8> = ping
@@ -3392,20 +3413,8 @@ async fn a_mass_disconnect_stalls_no_one_else() {
     }
     create(addr, "honest").await;
     // 1,500 connections on the same 200 topics: 1,500 subscribers each, 300,000 subscriptions.
-    let subscribe_all: Vec<u8> = (0..TOPICS)
-        .flat_map(|t| {
-            client_frame(
-                0x1,
-                format!(r#"{{"type":"subscribe","topic":"m{t}"}}"#).as_bytes(),
-            )
-        })
-        .collect();
-    let mut crowd = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let mut stream = raw_websocket(addr).await;
-        stream.write_all(&subscribe_all).await.unwrap();
-        crowd.push(stream);
-    }
+    let subscribe_all = subscribe_frames((0..TOPICS).map(|t| format!("m{t}")));
+    let crowd = deaf_subscribers(addr, &subscribe_all, CONNECTIONS).await;
     let all = (CONNECTIONS * TOPICS) as u64;
     let deadline = Instant::now() + Duration::from_secs(120);
     while health(addr).await["subscribers"] != all {
@@ -3458,20 +3467,8 @@ async fn the_memory_budget_holds_while_rings_and_never_reading_queues_fill_far_p
     }
     let baseline = server.rss_kib();
     // Eight subscribers of every topic that never read a byte: their queues fill.
-    let subscribe_all: Vec<u8> = (0..TOPICS)
-        .flat_map(|t| {
-            client_frame(
-                0x1,
-                format!(r#"{{"type":"subscribe","topic":"big{t}"}}"#).as_bytes(),
-            )
-        })
-        .collect();
-    let mut deaf = Vec::new();
-    for _ in 0..8 {
-        let mut stream = raw_websocket(addr).await;
-        stream.write_all(&subscribe_all).await.unwrap();
-        deaf.push(stream);
-    }
+    let subscribe_all = subscribe_frames((0..TOPICS).map(|t| format!("big{t}")));
+    let deaf = deaf_subscribers(addr, &subscribe_all, 8).await;
     counts_become(addr, 8, 8 * TOPICS as u64).await;
 
     // 8,000 publishes of 30 KiB: 240 MiB of events, 7.5 times the limit, and every one acked.
@@ -3760,10 +3757,7 @@ async fn metrics_count_publishes_deliveries_and_drops_as_they_happen() {
 
     // Drops: on another topic, a subscriber with a small receive buffer that reads nothing
     // while 3,000 events of 4 KiB arrive (its queue holds 4).
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut deaf = socket.connect(addr).await.unwrap();
-    deaf.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut deaf = small_buffer_websocket(addr).await;
     let subscribe = br#"{"type":"subscribe","topic":"other","request_id":"d"}"#;
     deaf.write_all(&client_frame(0x1, subscribe)).await.unwrap();
     counts_become(addr, 4, 3).await;
