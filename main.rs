@@ -2788,16 +2788,21 @@ pub(crate) fn json_depth_exceeds(text: &str, limit: usize) -> bool {
 /// Builds one JSON object into a byte buffer, member by member: the one way this server
 /// writes JSON — events, replies, notices and REST bodies alike. Keys are literals (or topic
 /// names, which need no escaping) and raw values are JSON the client sent, written byte for
-/// byte; strings are escaped. A comma goes before every member but the first of its object,
-/// which is the one that follows `{` or `[`.
-pub(crate) struct Json<'a>(&'a mut Vec<u8>);
+/// byte; strings are escaped. A comma goes before every member but the first of its object.
+pub(crate) struct Json<'a> {
+    buf: &'a mut Vec<u8>,
+    /// No member written yet in the innermost open object or array: no comma before the
+    /// next. A flag rather than a look at the last byte, so that in a chain of calls, which
+    /// are all inlined, it is known at compile time and costs nothing.
+    first: bool,
+}
 
 impl<'a> Json<'a> {
     /// `{` — a plain object (REST bodies).
     #[inline(always)]
     fn object(buf: &'a mut Vec<u8>) -> Json<'a> {
         buf.push(b'{');
-        Json(buf)
+        Json { buf, first: true }
     }
 
     /// `{"type":"<kind>"` — a server message.
@@ -2809,28 +2814,28 @@ impl<'a> Json<'a> {
     /// Goes on with an object left open in `buf`.
     #[inline(always)]
     fn resume(buf: &'a mut Vec<u8>) -> Json<'a> {
-        Json(buf)
+        Json { buf, first: false }
     }
 
     #[inline(always)]
     fn comma(&mut self) {
-        if !matches!(self.0.last(), Some(b'{' | b'[')) {
-            self.0.push(b',');
+        if !std::mem::replace(&mut self.first, false) {
+            self.buf.push(b',');
         }
     }
 
     #[inline(always)]
     fn key(&mut self, key: &str) {
         self.comma();
-        self.0.push(b'"');
-        self.0.extend_from_slice(key.as_bytes());
-        self.0.extend_from_slice(b"\":");
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(b"\":");
     }
 
     #[inline(always)]
     fn raw(mut self, key: &str, json: &[u8]) -> Self {
         self.key(key);
-        self.0.extend_from_slice(json);
+        self.buf.extend_from_slice(json);
         self
     }
 
@@ -2839,12 +2844,12 @@ impl<'a> Json<'a> {
         self.key(key);
         let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
         if plain {
-            self.0.push(b'"');
-            self.0.extend_from_slice(value.as_bytes());
-            self.0.push(b'"');
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(value.as_bytes());
+            self.buf.push(b'"');
         } else {
             // Writing into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *self.0, value);
+            let _ = serde_json::to_writer(&mut *self.buf, value);
         }
         self
     }
@@ -2854,25 +2859,25 @@ impl<'a> Json<'a> {
     #[inline(always)]
     fn plain(mut self, key: &str, value: &str) -> Self {
         self.key(key);
-        self.0.push(b'"');
-        self.0.extend_from_slice(value.as_bytes());
-        self.0.push(b'"');
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(value.as_bytes());
+        self.buf.push(b'"');
         self
     }
 
     #[inline(always)]
     fn num(mut self, key: &str, value: u64) -> Self {
         self.key(key);
-        push_u64(self.0, value);
+        push_u64(self.buf, value);
         self
     }
 
     #[inline(always)]
     fn ts(mut self, ts: Timestamp) -> Self {
         self.key("ts");
-        self.0.push(b'"');
-        self.0.extend_from_slice(&ts.text);
-        self.0.push(b'"');
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(&ts.text);
+        self.buf.push(b'"');
         self
     }
 
@@ -2891,13 +2896,13 @@ impl<'a> Json<'a> {
     fn id(mut self, key: &str, id: MessageId) -> Self {
         self.key(key);
         match id {
-            MessageId::Given(raw) => self.0.extend_from_slice(raw.as_bytes()),
+            MessageId::Given(raw) => self.buf.extend_from_slice(raw.as_bytes()),
             MessageId::Assigned(connection, n) => {
-                self.0.push(b'"');
-                push_u64(self.0, connection);
-                self.0.push(b'-');
-                push_u64(self.0, n);
-                self.0.push(b'"');
+                self.buf.push(b'"');
+                push_u64(self.buf, connection);
+                self.buf.push(b'-');
+                push_u64(self.buf, n);
+                self.buf.push(b'"');
             }
         }
         self
@@ -2916,7 +2921,8 @@ impl<'a> Json<'a> {
     #[inline(always)]
     fn open(mut self, key: &str) -> Self {
         self.key(key);
-        self.0.push(b'{');
+        self.buf.push(b'{');
+        self.first = true;
         self
     }
 
@@ -2924,33 +2930,37 @@ impl<'a> Json<'a> {
     #[inline(always)]
     fn open_list(mut self, key: &str) -> Self {
         self.key(key);
-        self.0.push(b'[');
+        self.buf.push(b'[');
+        self.first = true;
         self
     }
 
     #[inline(always)]
     fn item(mut self) -> Self {
         self.comma();
-        self.0.push(b'{');
+        self.buf.push(b'{');
+        self.first = true;
         self
     }
 
     #[inline(always)]
-    fn close(self) -> Self {
-        self.0.push(b'}');
+    fn close(mut self) -> Self {
+        self.buf.push(b'}');
+        self.first = false;
         self
     }
 
     #[inline(always)]
-    fn close_list(self) -> Self {
-        self.0.push(b']');
+    fn close_list(mut self) -> Self {
+        self.buf.push(b']');
+        self.first = false;
         self
     }
 
     /// Closes the outermost object.
     #[inline(always)]
     fn end(self) {
-        self.0.push(b'}');
+        self.buf.push(b'}');
     }
 }
 
