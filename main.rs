@@ -1094,7 +1094,12 @@ impl Topic {
         let seq = state.next_seq;
         state.next_seq += 1;
         self.published.store(seq, Ordering::Release);
-        let ts = ts.max(state.last_ts);
+        // By the milliseconds alone: within one, the text is the same.
+        let ts = if ts.millis < state.last_ts.millis {
+            state.last_ts
+        } else {
+            ts
+        };
         state.last_ts = ts;
         Event::seal(&mut event, seq, ts)?;
         if state.replay_size > 0 {
@@ -2994,8 +2999,8 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T10:00:00.123Z`: 24 ASCII bytes, kept on
 /// the stack. Each thread remembers the last one it formatted, so a busy publish path formats
-/// once per millisecond rather than once per message. Ordered by time.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// once per millisecond rather than once per message.
+#[derive(Clone, Copy)]
 pub(crate) struct Timestamp {
     millis: u64,
     text: [u8; 24],
