@@ -4017,3 +4017,76 @@ async fn rate_limits_refuse_with_a_sane_retry_after_and_accept_again_after_it() 
         201
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_that_never_finish_arriving_are_held_within_the_budget() {
+    const CLIENTS: usize = 300;
+    const LIMIT: u64 = 4 * 1024 * 1024;
+    let limit = LIMIT.to_string();
+    let server = Spawned::start(&[("LOG_LEVEL", "error"), ("MEMORY_LIMIT", &limit)]);
+    let addr = server.addr;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(raw_websocket(addr).await);
+    }
+    counts_become(addr, CLIENTS as u64, 0).await;
+    let before = server.rss_kib();
+    // Each sends all but the last byte of a 60 KiB message: 17.6 MiB of unread input in all,
+    // four times the limit. Once the budget is full, the server stops reading them.
+    let frame = client_frame(0x1, &vec![b'x'; 60 * 1024]);
+    let mut writers = Vec::new();
+    for stream in clients {
+        let partial = frame[..frame.len() - 1].to_vec();
+        writers.push(tokio::spawn(async move {
+            let mut stream = stream;
+            let _ = timeout(DEADLINE, stream.write_all(&partial)).await;
+            stream
+        }));
+    }
+    eventually("the budget fills with unread input", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if used >= LIMIT {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    let mut clients = Vec::new();
+    for writer in writers {
+        clients.push(writer.await.unwrap());
+    }
+    let counted = health(addr).await["memory_bytes"].as_u64().unwrap();
+    let grown = server.rss_kib().saturating_sub(before);
+    println!(
+        "unread input: {counted} bytes counted, RSS grew {grown} KiB for a {LIMIT}-byte limit"
+    );
+    // Each connection may take in one more read (up to 18 KiB) before it waits.
+    let per_connection = 24 * CLIENTS as u64;
+    assert!(
+        counted <= LIMIT + per_connection * 1024,
+        "{counted} bytes counted"
+    );
+    assert!(
+        grown <= LIMIT / 1024 + per_connection,
+        "RSS grew {grown} KiB"
+    );
+    // Publishing now is refused explicitly; once the senders are gone there is room again.
+    let mut publisher = Client::connect(addr).await;
+    create(addr, "p").await;
+    let (refused, _) = publisher
+        .request(json!({"type":"publish","topic":"p","message":{"payload":1}}))
+        .await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    drop(clients);
+    eventually("room again", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if used < LIMIT / 2 {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    assert_eq!(publisher.publish("p", json!(2)).await, 1);
+}
