@@ -813,7 +813,7 @@ impl Connection {
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
         let ws = WebSocketStream::from_partially_read(
-            ReadAhead::new(stream, &self.broker.budget),
+            ReadAhead::new(stream),
             leftover,
             Role::Server,
             Some(ws_config),
@@ -3393,45 +3393,16 @@ pub(crate) struct ReadAhead {
     pos: usize,
     /// The last read filled what it was given: more is probably waiting.
     busy: bool,
-    /// Bytes handed to tungstenite since the last whole message: a frame or a fragmented
-    /// message still arriving, which tungstenite holds. Unread input, for the budget.
-    unread: usize,
-    /// The budget's share of `unread` and of `buf`, updated in 4 KiB steps.
-    charged: Charged,
 }
 
 impl ReadAhead {
-    fn new(stream: TcpStream, budget: &Arc<Budget>) -> ReadAhead {
+    fn new(stream: TcpStream) -> ReadAhead {
         ReadAhead {
             stream,
             buf: Vec::new(),
             pos: 0,
             busy: false,
-            unread: 0,
-            charged: Charged::new(budget, 0),
         }
-    }
-
-    fn account(&mut self) {
-        let held = self.unread + self.buf.capacity();
-        if held.abs_diff(self.charged.bytes) >= 4096 || held == 0 {
-            self.charged.track(held);
-        }
-    }
-
-    /// tungstenite has made a whole message of what it was handed.
-    fn message_done(&mut self) {
-        if self.unread > 0 {
-            self.unread = 0;
-            self.account();
-        }
-    }
-
-    /// Whether to stop reading for now: the budget is over its limit and this connection is
-    /// in the middle of a message, which would grow. Its sender waits (TCP backpressure)
-    /// until there is room again.
-    fn must_wait(&self) -> bool {
-        self.unread > 0 && !self.charged.budget.has_room(0)
     }
 }
 
@@ -3448,22 +3419,17 @@ impl tokio::io::AsyncRead for ReadAhead {
                 let n = (this.buf.len() - this.pos).min(out.remaining());
                 out.put_slice(&this.buf[this.pos..this.pos + n]);
                 this.pos += n;
-                this.unread += n;
                 if this.pos == this.buf.len() {
                     this.buf = Vec::new();
                     this.pos = 0;
                 }
-                this.account();
                 return Poll::Ready(Ok(()));
             }
             if !this.busy {
                 let before = out.filled().len();
                 let read = std::pin::Pin::new(&mut this.stream).poll_read(cx, out);
                 if let Poll::Ready(Ok(())) = read {
-                    let n = out.filled().len() - before;
-                    this.busy = out.remaining() == 0 && n > 0;
-                    this.unread += n;
-                    this.account();
+                    this.busy = out.remaining() == 0 && out.filled().len() > before;
                 }
                 return read;
             }
@@ -3730,7 +3696,6 @@ impl Session {
                 return e.into();
             }
             let pending = self.writer.buffered() > 0;
-            let waiting = self.writer.ws.get_ref().must_wait();
             let step = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Box::pin(self.goodbye()).await,
@@ -3751,7 +3716,7 @@ impl Session {
                         return End::Closed;
                     }
                 },
-                incoming = self.writer.ws.next(), if !waiting => {
+                incoming = self.writer.ws.next() => {
                     self.heartbeat.heard();
                     match incoming {
                         None => return End::Closed,
@@ -3760,8 +3725,6 @@ impl Session {
                     }
                 }
                 _ = outbox.notify.notified() => continue,
-                // Reading waits for room in the budget; look again shortly.
-                _ = tokio::time::sleep(Duration::from_millis(50)), if waiting => continue,
                 // Nothing else is ready: write what the loop has gathered, in one go.
                 _ = std::future::ready(()), if pending => {
                     self.writer.write_out().await.map_err(End::from)
@@ -3783,9 +3746,6 @@ impl Session {
             // Each message spends from the task's cooperative budget, so a client that floods
             // publishes yields its worker to the subscribers it is feeding.
             tokio::task::consume_budget().await;
-            if self.writer.ws.get_ref().must_wait() {
-                break;
-            }
             match self.writer.ws.next().now_or_never() {
                 Some(Some(Ok(message))) => self.on_message(message).await?,
                 Some(Some(Err(e))) => return Err(e.into()),
@@ -3797,7 +3757,6 @@ impl Session {
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
-        self.writer.ws.get_mut().message_done();
         match message {
             Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {
