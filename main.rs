@@ -813,7 +813,7 @@ impl Connection {
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
         let ws = WebSocketStream::from_partially_read(
-            ReadAhead::new(stream),
+            ReadAhead::new(stream, &self.broker.budget),
             leftover,
             Role::Server,
             Some(ws_config),
@@ -3393,15 +3393,37 @@ pub(crate) struct ReadAhead {
     pos: usize,
     /// The last read filled what it was given: more is probably waiting.
     busy: bool,
+    /// Bytes handed to tungstenite since the last whole message: a frame or a fragmented
+    /// message still arriving, which tungstenite holds. Unread input, for the budget.
+    unread: usize,
+    /// The budget's share of `unread` and of `buf`, kept in 4 KiB steps.
+    charged: Charged,
 }
 
 impl ReadAhead {
-    fn new(stream: TcpStream) -> ReadAhead {
+    fn new(stream: TcpStream, budget: &Arc<Budget>) -> ReadAhead {
         ReadAhead {
             stream,
             buf: Vec::new(),
             pos: 0,
             busy: false,
+            unread: 0,
+            charged: Charged::new(budget, 0),
+        }
+    }
+
+    fn account(&mut self) {
+        let held = self.unread + self.buf.capacity();
+        if held.abs_diff(self.charged.bytes) >= 4096 || held == 0 {
+            self.charged.track(held);
+        }
+    }
+
+    /// tungstenite has made a whole message of what it was handed.
+    fn message_done(&mut self) {
+        if self.unread > 0 {
+            self.unread = 0;
+            self.account();
         }
     }
 }
@@ -3419,17 +3441,22 @@ impl tokio::io::AsyncRead for ReadAhead {
                 let n = (this.buf.len() - this.pos).min(out.remaining());
                 out.put_slice(&this.buf[this.pos..this.pos + n]);
                 this.pos += n;
+                this.unread += n;
                 if this.pos == this.buf.len() {
                     this.buf = Vec::new();
                     this.pos = 0;
                 }
+                this.account();
                 return Poll::Ready(Ok(()));
             }
             if !this.busy {
                 let before = out.filled().len();
                 let read = std::pin::Pin::new(&mut this.stream).poll_read(cx, out);
                 if let Poll::Ready(Ok(())) = read {
-                    this.busy = out.remaining() == 0 && out.filled().len() > before;
+                    let n = out.filled().len() - before;
+                    this.busy = out.remaining() == 0 && n > 0;
+                    this.unread += n;
+                    this.account();
                 }
                 return read;
             }
@@ -3757,6 +3784,7 @@ impl Session {
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
+        self.writer.ws.get_mut().message_done();
         match message {
             Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {

@@ -4017,3 +4017,56 @@ async fn rate_limits_refuse_with_a_sane_retry_after_and_accept_again_after_it() 
         201
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_still_arriving_are_counted_in_the_budget() {
+    const CLIENTS: usize = 100;
+    let addr = start(Config {
+        memory_limit: 4 * 1024 * 1024,
+        ..quiet()
+    })
+    .await;
+    create(addr, "p").await;
+    let mut publisher = Client::connect(addr).await;
+    let idle = health(addr).await["memory_bytes"].as_u64().unwrap();
+    // Each sends all but the last byte of a 60 KiB message: 5.9 MiB of unread input, which
+    // tungstenite holds until the message is whole.
+    let frame = client_frame(0x1, &vec![b'x'; 60 * 1024]);
+    let mut senders = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut stream = raw_websocket(addr).await;
+        stream.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        senders.push(stream);
+    }
+    eventually("the unread input is counted", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        let arrived = (CLIENTS * 56 * 1024) as u64;
+        if used >= idle + arrived {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    // Nothing can be shed for it: a publish is refused explicitly.
+    let (refused, _) = publisher
+        .request(json!({"type":"publish","topic":"p","message":{"payload":1}}))
+        .await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    // A message that completes is uncounted at once.
+    senders[0]
+        .write_all(&frame[frame.len() - 1..])
+        .await
+        .unwrap();
+    drop(senders);
+    eventually("the input is gone", || async move {
+        let used = health(addr).await["memory_bytes"].as_u64().unwrap();
+        if used <= idle + 64 * 1024 {
+            Ok(())
+        } else {
+            Err(format!("{used} bytes"))
+        }
+    })
+    .await;
+    assert_eq!(publisher.publish("p", json!(2)).await, 1);
+}
