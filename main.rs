@@ -1950,7 +1950,10 @@ async fn read_head(
         let have = buf.len();
         let room = (MAX_HEAD_BYTES + 1).saturating_sub(have).clamp(1, 2048);
         buf.resize(have + room, 0);
-        let mut until = deadline;
+        let mut until = match *stop.borrow() {
+            Some(stop_at) => deadline.min(stop_at),
+            None => deadline,
+        };
         let read = loop {
             tokio::select! {
                 read = timeout_at(until, stream.read(&mut buf[have..])) => break read,
@@ -1959,8 +1962,12 @@ async fn read_head(
                 // drain deadline.
                 Ok(()) = stop.changed() => {
                     if let Some(stop_at) = *stop.borrow() {
+                        // Idle means nothing read and nothing waiting in the socket either.
                         if have == 0 {
-                            return HeadRead::Closed;
+                            match stream.try_read(&mut buf[have..]) {
+                                Ok(n) if n > 0 => break Ok(Ok(n)),
+                                _ => return HeadRead::Closed,
+                            }
                         }
                         until = until.min(stop_at);
                     }
