@@ -1592,7 +1592,11 @@ impl Broker {
             return Ok(());
         }
         let message = "memory limit reached and nothing left to shed; try again later";
-        Err(reject("LIMIT_EXCEEDED", message))
+        // Over REST this one is 503: the server is full, not the client over a quota.
+        Err(Reject {
+            status: 503,
+            ..reject("LIMIT_EXCEEDED", message)
+        })
     }
 
     /// Frees memory in the order the contract gives: the oldest replay entries across all
@@ -2020,12 +2024,7 @@ impl Response {
 
     /// A refused request, with the status its code has in REST.
     fn reject(e: Reject) -> Response {
-        let status = match e.code {
-            "TOPIC_NOT_FOUND" => 404,
-            "LIMIT_EXCEEDED" => 429,
-            _ => 400,
-        };
-        Response::error(status, e.code, &e.message)
+        Response::error(e.status, e.code, &e.message)
     }
 
     fn header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Response {
@@ -2297,9 +2296,6 @@ fn publish_message(broker: &Broker, name: &str, body: &[u8]) -> Response {
                 .ts(published.ts)
                 .end()
         }),
-        Err(e) if e.code == "LIMIT_EXCEEDED" && e.message.starts_with("memory") => {
-            Response::error(503, e.code, &e.message)
-        }
         Err(e) => Response::reject(e),
     }
 }
@@ -2614,17 +2610,24 @@ pub(crate) enum ClientRequest<'a> {
     Ping,
 }
 
-/// An error reply: a contract code and a human message.
+/// An error reply: a contract code, a human message, and the status it has over REST.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Reject {
     pub(crate) code: &'static str,
     pub(crate) message: String,
+    pub(crate) status: u16,
 }
 
 fn reject(code: &'static str, message: impl Into<String>) -> Reject {
+    let status = match code {
+        "TOPIC_NOT_FOUND" => 404,
+        "LIMIT_EXCEEDED" | "RATE_LIMITED" => 429,
+        _ => 400,
+    };
     Reject {
         code,
         message: message.into(),
+        status,
     }
 }
 

@@ -256,6 +256,18 @@ impl Client {
     }
 }
 
+/// `n` connected clients, each of which has had a pong: they are fully open.
+async fn pinged_clients(addr: SocketAddr, n: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let mut client = Client::connect(addr).await;
+        let (pong, _) = client.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        clients.push(client);
+    }
+    clients
+}
+
 fn seq(event: &Value) -> u64 {
     event["seq"].as_u64().unwrap()
 }
@@ -1240,13 +1252,7 @@ async fn connections_beyond_the_limit_get_503_before_any_upgrade() {
         ..quiet()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let mut client = Client::connect(addr).await;
-        let (pong, _) = client.request(json!({"type":"ping"})).await;
-        assert_eq!(pong["type"], "pong");
-        held.push(client);
-    }
+    let held = pinged_clients(addr, 3).await;
     let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -3211,15 +3217,7 @@ async fn connections_per_address_are_capped_and_the_503_is_read_whole() {
         ..quiet()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut client = Client::connect(addr).await;
-        assert_eq!(
-            client.request(json!({"type":"ping"})).await.0["type"],
-            "pong"
-        );
-        held.push(client);
-    }
+    let mut held = pinged_clients(addr, 2).await;
     // The third from the same address is refused — and reads its 503 whole, twenty times,
     // though it is still sending a body the server never reads.
     for attempt in 0..20 {
