@@ -2514,25 +2514,27 @@ pub(crate) fn check_topic_name(name: &str) -> Result<(), String> {
 // ---- client messages ----
 
 /// A client message, decoded field by field so that a wrong field still gets an error that
-/// echoes the `request_id`.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<&'a RawValue>,
+/// echoes the `request_id`. Each field is its raw JSON text, as the client wrote it; `null`
+/// counts as absent except for `request_id`, which is echoed whatever it is.
+#[derive(Deserialize, Default, Debug, PartialEq)]
+pub(crate) struct Envelope<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "raw")]
+    kind: Option<&'a str>,
     #[serde(borrow, default, deserialize_with = "present")]
-    request_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    topic: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    last_n: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    since_seq: Option<&'a RawValue>,
+    request_id: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    topic: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    last_n: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    since_seq: Option<&'a str>,
     #[serde(borrow, default)]
     message: Option<MessageField<'a>>,
 }
 
 /// `message` of a publish, decoded in the same pass as the envelope. Anything but an object
 /// is `Invalid` rather than a parse error, so the reply can still echo the `request_id`.
+#[derive(Debug, PartialEq)]
 enum MessageField<'a> {
     Object(PublishedMessage<'a>),
     Invalid,
@@ -2578,17 +2580,306 @@ impl<'de: 'a, 'a> Deserialize<'de> for MessageField<'a> {
     }
 }
 
-#[derive(Deserialize)]
-struct PublishedMessage<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
+#[derive(Deserialize, Default, Debug, PartialEq)]
+pub(crate) struct PublishedMessage<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    id: Option<&'a str>,
     #[serde(borrow, default, deserialize_with = "present")]
-    payload: Option<&'a RawValue>,
+    payload: Option<&'a str>,
 }
 
-/// Keeps a field that is present, even as `null` (plain `Option` would turn `null` into `None`).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+/// A field's raw JSON text; `null` is absent.
+fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
+    Option::<&RawValue>::deserialize(d).map(|raw| raw.map(RawValue::get))
+}
+
+/// A field's raw JSON text, kept even when it is `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
+    <&RawValue>::deserialize(d).map(|raw| Some(raw.get()))
+}
+
+/// The common case of a client message, decoded without serde: an object whose keys and
+/// string values have no escapes, and values that are valid JSON. Anything else —
+/// an escape in a key, a duplicate field, invalid JSON, deep nesting — returns `None` and
+/// goes to serde, which decodes it or words the error, so this never accepts what serde
+/// would refuse and never reads a field differently (a property test compares the two).
+/// It exists for speed: serde's visitors cost about a third of a fan-in publish.
+pub(crate) struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn new(text: &'a str) -> Scan<'a> {
+        Scan { text, at: 0 }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    /// Skips whitespace, then takes `byte`.
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.space();
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// Nothing but whitespace is left.
+    fn end(&mut self) -> Option<()> {
+        self.space();
+        (self.at == self.text.len()).then_some(())
+    }
+
+    /// An object, each member's value read by `member` given its key.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.space();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            self.space();
+            let key = self.plain_string()?;
+            self.eat(b':')?;
+            self.space();
+            member(self, key)?;
+            self.space();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// A string with no escapes: its contents.
+    fn plain_string(&mut self) -> Option<&'a str> {
+        let start = self.at + 1;
+        self.string()?;
+        let inner = &self.text[start..self.at - 1];
+        (!inner.contains('\\')).then_some(inner)
+    }
+
+    /// A string literal (the opening quote is next), its escapes checked.
+    fn string(&mut self) -> Option<()> {
+        let bytes = self.text.as_bytes();
+        (self.peek()? == b'"').then_some(())?;
+        let mut at = self.at + 1;
+        loop {
+            match *bytes.get(at)? {
+                b'"' => break,
+                b'\\' => {
+                    at += 1;
+                    match *bytes.get(at)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 1,
+                        b'u' => {
+                            let hex = bytes.get(at + 1..at + 5)?;
+                            hex.iter().all(u8::is_ascii_hexdigit).then_some(())?;
+                            at += 5;
+                        }
+                        _ => return None,
+                    }
+                }
+                0..=0x1f => return None,
+                _ => at += 1,
+            }
+        }
+        self.at = at + 1;
+        Some(())
+    }
+
+    /// Any one JSON value, checked: its raw text. Nested values are walked with a bit stack
+    /// (1 = array) rather than recursion; past 64 levels serde decides.
+    fn value(&mut self) -> Option<&'a str> {
+        self.space();
+        let start = self.at;
+        let mut arrays = 0u64;
+        let mut depth = 0u32;
+        loop {
+            // A value, or the opening of a container (its first key read too).
+            match self.peek()? {
+                open @ (b'{' | b'[') => {
+                    let array = open == b'[';
+                    self.at += 1;
+                    self.space();
+                    if self.peek()? == open + 2 {
+                        // `[]` or `{}`: `]` and `}` follow `[` and `{` by two in ASCII.
+                        self.at += 1;
+                    } else {
+                        depth += 1;
+                        if depth >= 64 {
+                            return None;
+                        }
+                        arrays = arrays << 1 | array as u64;
+                        if !array {
+                            self.key()?;
+                        }
+                        self.space();
+                        continue;
+                    }
+                }
+                _ => self.scalar()?,
+            }
+            // After a value: a comma and the next member, or the ends of containers.
+            loop {
+                if depth == 0 {
+                    return Some(&self.text[start..self.at]);
+                }
+                self.space();
+                let in_array = arrays & 1 == 1;
+                match (self.peek()?, in_array) {
+                    (b',', _) => {
+                        self.at += 1;
+                        self.space();
+                        if !in_array {
+                            self.key()?;
+                            self.space();
+                        }
+                        break;
+                    }
+                    (b']', true) | (b'}', false) => {
+                        self.at += 1;
+                        arrays >>= 1;
+                        depth -= 1;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    /// An object member's key and its colon.
+    fn key(&mut self) -> Option<()> {
+        self.string()?;
+        self.eat(b':')
+    }
+
+    /// A string, a number, `true`, `false` or `null`.
+    fn scalar(&mut self) -> Option<()> {
+        let rest = &self.text.as_bytes()[self.at..];
+        let word = match rest.first()? {
+            b'"' => return self.string(),
+            b'-' | b'0'..=b'9' => return self.number(),
+            b't' => "true",
+            b'f' => "false",
+            b'n' => "null",
+            _ => return None,
+        };
+        rest.starts_with(word.as_bytes()).then_some(())?;
+        self.at += word.len();
+        Some(())
+    }
+
+    /// A number in JSON's grammar.
+    fn number(&mut self) -> Option<()> {
+        let bytes = self.text.as_bytes();
+        let digits = |at: &mut usize| {
+            let from = *at;
+            while bytes.get(*at).is_some_and(u8::is_ascii_digit) {
+                *at += 1;
+            }
+            *at > from
+        };
+        let mut at = self.at;
+        if bytes.get(at) == Some(&b'-') {
+            at += 1;
+        }
+        match bytes.get(at)? {
+            b'0' => at += 1,
+            b'1'..=b'9' => {
+                digits(&mut at);
+            }
+            _ => return None,
+        }
+        if bytes.get(at) == Some(&b'.') {
+            at += 1;
+            digits(&mut at).then_some(())?;
+        }
+        if let Some(b'e' | b'E') = bytes.get(at) {
+            at += 1;
+            if let Some(b'+' | b'-') = bytes.get(at) {
+                at += 1;
+            }
+            digits(&mut at).then_some(())?;
+        }
+        self.at = at;
+        Some(())
+    }
+
+    /// A field's value into `slot` (`null` is absent unless `keep_null`); a second
+    /// occurrence is serde's "duplicate field", so it is left to serde.
+    fn field(
+        &mut self,
+        slot: &mut Option<&'a str>,
+        seen: &mut bool,
+        keep_null: bool,
+    ) -> Option<()> {
+        if std::mem::replace(seen, true) {
+            return None;
+        }
+        let value = self.value()?;
+        *slot = (keep_null || value != "null").then_some(value);
+        Some(())
+    }
+
+    /// A publish's `message` object.
+    fn message(&mut self) -> Option<PublishedMessage<'a>> {
+        let mut message = PublishedMessage::default();
+        let mut seen = [false; 2];
+        self.object(|scan, key| match key {
+            "id" => scan.field(&mut message.id, &mut seen[0], false),
+            "payload" => scan.field(&mut message.payload, &mut seen[1], true),
+            _ => scan.value().map(drop),
+        })?;
+        Some(message)
+    }
+
+    pub(crate) fn envelope(text: &'a str) -> Option<Envelope<'a>> {
+        let mut envelope = Envelope::default();
+        let mut seen = [false; 6];
+        let mut scan = Scan::new(text);
+        scan.object(|scan, key| match key {
+            "type" => scan.field(&mut envelope.kind, &mut seen[0], false),
+            "request_id" => scan.field(&mut envelope.request_id, &mut seen[1], true),
+            "topic" => scan.field(&mut envelope.topic, &mut seen[2], false),
+            "last_n" => scan.field(&mut envelope.last_n, &mut seen[3], false),
+            "since_seq" => scan.field(&mut envelope.since_seq, &mut seen[4], false),
+            "message" => {
+                if std::mem::replace(&mut seen[5], true) {
+                    return None;
+                }
+                // An object, or `null` (absent); any other value is left to serde, which
+                // reads it as a number or a string and may refuse it for reasons of its own.
+                scan.space();
+                envelope.message = match scan.peek()? {
+                    b'{' => Some(MessageField::Object(scan.message()?)),
+                    _ => (scan.value()? == "null").then_some(None)?,
+                };
+                Some(())
+            }
+            _ => scan.value().map(drop),
+        })?;
+        scan.end()?;
+        Some(envelope)
+    }
+
+    /// The body of a REST publish.
+    pub(crate) fn published_message(text: &'a str) -> Option<PublishedMessage<'a>> {
+        let mut scan = Scan::new(text);
+        let message = scan.message()?;
+        scan.end()?;
+        Some(message)
+    }
 }
 
 /// What a client asked for, validated.
@@ -2643,19 +2934,24 @@ fn check_depth(text: &str) -> Result<(), Reject> {
 
 /// Decodes one text frame. Returns the `request_id` (raw JSON, echoed verbatim) whenever the
 /// frame was a JSON object, whatever else was wrong with it.
-pub(crate) fn decode(text: &str) -> (Option<&RawValue>, Result<ClientRequest<'_>, Reject>) {
+pub(crate) fn decode(text: &str) -> (Option<&str>, Result<ClientRequest<'_>, Reject>) {
     if let Err(e) = check_depth(text) {
         return (None, Err(e));
     }
-    let envelope: Envelope = match serde_json::from_str(text) {
+    let envelope = match Scan::envelope(text).map_or_else(|| serde_envelope(text), Ok) {
         Ok(envelope) => envelope,
-        Err(e) => {
-            let message = format!("expected a JSON object message: {e}");
-            return (None, Err(reject("BAD_REQUEST", message)));
-        }
+        Err(e) => return (None, Err(e)),
     };
     let request_id = envelope.request_id;
     (request_id, decode_request(envelope))
+}
+
+/// What serde makes of a client message: the reference that `Scan` must agree with.
+pub(crate) fn serde_envelope(text: &str) -> Result<Envelope<'_>, Reject> {
+    serde_json::from_str(text).map_err(|e| {
+        let message = format!("expected a JSON object message: {e}");
+        reject("BAD_REQUEST", message)
+    })
 }
 
 fn decode_request(envelope: Envelope<'_>) -> Result<ClientRequest<'_>, Reject> {
@@ -2673,13 +2969,11 @@ fn decode_request(envelope: Envelope<'_>) -> Result<ClientRequest<'_>, Reject> {
     };
     match &*kind {
         "subscribe" => {
-            let count = |raw: Option<&RawValue>, name: &str| match raw {
+            let count = |raw: Option<&str>, name: &str| match raw {
                 None => Ok(None),
-                Some(raw) => serde_json::from_str::<u64>(raw.get())
-                    .map(Some)
-                    .map_err(|_| {
-                        reject("BAD_REQUEST", format!("\"{name}\" must be an integer >= 0"))
-                    }),
+                Some(raw) => serde_json::from_str::<u64>(raw).map(Some).map_err(|_| {
+                    reject("BAD_REQUEST", format!("\"{name}\" must be an integer >= 0"))
+                }),
             };
             let last_n = count(envelope.last_n, "last_n")?;
             let since_seq = count(envelope.since_seq, "since_seq")?;
@@ -2729,7 +3023,7 @@ impl<'a> PublishedMessage<'a> {
         let id = match self.id {
             None => None,
             Some(raw) => match as_str(raw) {
-                Some(id) if id.len() <= MAX_ID_LEN => Some(raw.get()),
+                Some(id) if id.len() <= MAX_ID_LEN => Some(raw),
                 Some(_) => {
                     let why = format!("\"message.id\" is longer than {MAX_ID_LEN} bytes");
                     return Err(reject("BAD_REQUEST", why));
@@ -2737,23 +3031,25 @@ impl<'a> PublishedMessage<'a> {
                 None => return Err(reject("BAD_REQUEST", "\"message.id\" must be a string")),
             },
         };
-        Ok((id, payload.get()))
+        Ok((id, payload))
     }
 }
 
 /// The body of a REST publish: the `message` object of a WebSocket publish, on its own.
 fn decode_message(text: &str) -> Result<(Option<&str>, &str), Reject> {
     check_depth(text)?;
-    let message: PublishedMessage = serde_json::from_str(text).map_err(|e| {
-        let why = format!("body must be {{\"id\"?: string, \"payload\": any}}: {e}");
-        reject("BAD_REQUEST", why)
-    })?;
+    let message = match Scan::published_message(text) {
+        Some(message) => message,
+        None => serde_json::from_str(text).map_err(|e| {
+            let why = format!("body must be {{\"id\"?: string, \"payload\": any}}: {e}");
+            reject("BAD_REQUEST", why)
+        })?,
+    };
     message.validate()
 }
 
 /// The string a raw JSON value holds, borrowed when it has no escapes.
-fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let json = raw.get();
+fn as_str(json: &str) -> Option<Cow<'_, str>> {
     match json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
         Some(_) => serde_json::from_str::<String>(json).ok().map(Cow::Owned),
@@ -2898,9 +3194,9 @@ impl<'a> Json<'a> {
 
     /// The `request_id` of a reply, echoed verbatim, when the request had one.
     #[inline(always)]
-    fn request_id(self, id: Option<&RawValue>) -> Self {
+    fn request_id(self, id: Option<&str>) -> Self {
         match id {
-            Some(id) => self.raw("request_id", id.get().as_bytes()),
+            Some(id) => self.raw("request_id", id.as_bytes()),
             None => self,
         }
     }
@@ -3585,7 +3881,7 @@ impl WsWriter {
         self.scratch = text;
     }
 
-    fn error(&mut self, request_id: Option<&RawValue>, e: Reject) {
+    fn error(&mut self, request_id: Option<&str>, e: Reject) {
         self.message("error", Timestamp::now(), |json| {
             json.request_id(request_id).error(e.code, &e.message)
         });
@@ -3816,7 +4112,7 @@ impl Session {
 
     /// A request that costs a token under `RATE_LIMIT` (a publish, or a subscribe that asks
     /// for a replay): refused with `retry_after_ms` when there is none.
-    fn over_rate(&mut self, request_id: Option<&RawValue>) -> bool {
+    fn over_rate(&mut self, request_id: Option<&str>) -> bool {
         let (Some(bucket), Some((rate, burst))) =
             (&mut self.bucket, self.subscriptions.broker.rate())
         else {
@@ -3880,7 +4176,7 @@ impl Session {
 
     async fn subscribe(
         &mut self,
-        request_id: Option<&RawValue>,
+        request_id: Option<&str>,
         name: &str,
         replay: Replay,
     ) -> Result<(), End> {
@@ -3915,7 +4211,7 @@ impl Session {
         Ok(())
     }
 
-    async fn unsubscribe(&mut self, request_id: Option<&RawValue>, name: &str) -> Result<(), End> {
+    async fn unsubscribe(&mut self, request_id: Option<&str>, name: &str) -> Result<(), End> {
         match self
             .subscriptions
             .unsubscribe(&mut self.writer, name)

@@ -1780,6 +1780,7 @@ mod properties {
                         Just("payload".to_string()),
                         Just("id".to_string()),
                         Just("request_id".to_string()),
+                        Just("since_seq".to_string()),
                         "[a-z_]{1,8}",
                     ],
                     inner,
@@ -1788,6 +1789,129 @@ mod properties {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// Texts the fast decoder must read as serde does: JSON as serde_json writes it (compact
+    /// or pretty), then perhaps with a piece inserted, a character replaced, or cut short.
+    fn json_text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just(" "),
+            Just("\n"),
+            Just(","),
+            Just("\""),
+            Just("\\"),
+            Just("{"),
+            Just("}"),
+            Just("["),
+            Just("]"),
+            Just(":"),
+            Just("0"),
+            Just("-"),
+            Just("."),
+            Just("e"),
+            Just("\\u00e9"),
+            Just("\\x"),
+            Just("\u{1}"),
+            Just("null"),
+            Just("é"),
+        ];
+        // Objects written out by hand, so a key can repeat.
+        fn object<V: std::fmt::Display>(fields: Vec<(&str, V)>) -> String {
+            let members: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            format!("{{{}}}", members.join(","))
+        }
+        let field = |key: &'static str| (Just(key), json_value());
+        let message = prop_oneof![
+            json_value().prop_map(|v| v.to_string()),
+            proptest::collection::vec(prop_oneof![field("id"), field("payload"), field("x")], 0..4)
+                .prop_map(object),
+        ];
+        let envelope = proptest::collection::vec(
+            prop_oneof![
+                field("type").prop_map(|(k, v)| (k, v.to_string())),
+                field("topic").prop_map(|(k, v)| (k, v.to_string())),
+                field("request_id").prop_map(|(k, v)| (k, v.to_string())),
+                field("last_n").prop_map(|(k, v)| (k, v.to_string())),
+                field("since_seq").prop_map(|(k, v)| (k, v.to_string())),
+                field("other").prop_map(|(k, v)| (k, v.to_string())),
+                message.prop_map(|m| ("message", m)),
+            ],
+            0..6,
+        )
+        .prop_map(object);
+        let value = prop_oneof![
+            json_value().prop_map(|v| v.to_string()),
+            envelope.clone(),
+            envelope
+        ];
+        (
+            value,
+            any::<bool>(),
+            0..5u8,
+            any::<prop::sample::Index>(),
+            piece,
+        )
+            .prop_map(|(text, pretty, how, at, piece)| {
+                let mut text = match serde_json::from_str::<Value>(&text) {
+                    Ok(value) if pretty => serde_json::to_string_pretty(&value).unwrap(),
+                    _ => text,
+                };
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                match how {
+                    1 => text.insert_str(i, piece),
+                    2 if i < text.len() => {
+                        let width = text[i..].chars().next().map_or(0, char::len_utf8);
+                        text.replace_range(i..i + width, piece);
+                    }
+                    3 => text.truncate(i),
+                    4 => {
+                        // The next closing bracket swapped for the other kind.
+                        if let Some(j) = text[i..].find([']', '}']).map(|j| i + j) {
+                            let other = if &text[j..=j] == "]" { "}" } else { "]" };
+                            text.replace_range(j..=j, other);
+                        }
+                    }
+                    _ => {}
+                }
+                text
+            })
+    }
+
+    #[test]
+    fn the_fast_decoder_reads_common_messages() {
+        let common = [
+            r#"{"type":"publish","topic":"t","message":{"payload":{"a":[1,2.5e-3,true,null,"x\"y"]}}}"#,
+            r#"{ "type" : "publish" , "topic":"t", "message": { "id": "m1", "payload": -0.0 } }"#,
+            r#"{"type":"subscribe","topic":"t","last_n":5,"request_id":{"k":[]}}"#,
+            r#"{"type":"subscribe","topic":"t","since_seq":null,"unknown":[{},[]]}"#,
+            r#"{"type":"ping","request_id":null}"#,
+            r#"{"type":"publish","topic":"caf\u00e9","message":null}"#,
+        ];
+        for text in common {
+            let fast = server::Scan::envelope(text);
+            assert!(fast.is_some(), "{text}");
+            assert_eq!(
+                fast.ok_or(()),
+                server::serde_envelope(text).map_err(drop),
+                "{text}"
+            );
+        }
+        // Left to serde: an escaped key, a repeated field, a message that is not an object
+        // or null, trailing text, and invalid JSON (which serde refuses).
+        let left = [
+            r#"{"typ\u0065":"ping"}"#,
+            r#"{"type":"ping","type":"ping"}"#,
+            r#"{"type":"publish","topic":"t","message":1e400}"#,
+            r#"{"type":"ping"} x"#,
+            r#"{"type":"ping","request_id":01}"#,
+            r#"{"type":"ping","request_id":"\q"}"#,
+        ];
+        for text in left {
+            assert_eq!(server::Scan::envelope(text), None, "{text}");
+        }
     }
 
     fn check_decode(text: &str) {
@@ -1860,6 +1984,21 @@ mod properties {
         #[test]
         fn arbitrary_strings_get_a_reply_of_the_contract(text in ".{0,200}") {
             check_decode(&text);
+        }
+    }
+
+    // Many cases: most mutations are refused early, and the rare accepted one is the test.
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+        #[test]
+        fn the_fast_decoder_agrees_with_serde(text in json_text()) {
+            if let Some(fast) = server::Scan::envelope(&text) {
+                prop_assert_eq!(Ok(fast), server::serde_envelope(&text));
+            }
+            if let Some(fast) = server::Scan::published_message(&text) {
+                let slow = serde_json::from_str::<server::PublishedMessage>(&text);
+                prop_assert_eq!(Ok(fast), slow.map_err(|e| e.to_string()));
+            }
         }
     }
 }
