@@ -35,8 +35,11 @@
 //! ## What is measured
 //! Every payload carries its publisher, a per-publisher sequence number and its send time
 //! (stamped just before it is queued for the socket). Subscribers count deliveries, order
-//! violations and duplicates per publisher, and the latency (send → the read that brought it) of
-//! messages sent after the warm-up. A publish counts as expected once the server confirmed it
+//! violations and duplicates per publisher, and the latency of messages sent after the warm-up:
+//! from that stamp to the kernel's receive timestamp of the read that brought the event
+//! (SO_TIMESTAMPNS on the subscriber's socket), so the generator's own wake-ups and parsing are
+//! not counted as the broker's; `receive_clock` says "user" if some read had no timestamp and
+//! was timed when the generator read it. A publish counts as expected once the server confirmed it
 //! (ours: its ack; NATS: the PONG of a later PING); expected deliveries are confirmed publishes ×
 //! the topic's subscribers. With `--server-pid` the server's RSS and CPU time (/proc/PID/stat,
 //! 10 ms ticks) over the window; the generator's own CPU is reported beside it, so a run where
@@ -80,7 +83,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -384,6 +389,8 @@ struct Ws {
     buf: Vec<u8>,
     pos: usize,
     out: Vec<u8>,
+    /// The kernel's receive time (CLOCK_REALTIME ns) of the last read, if stamped.
+    rx_ns: Option<u64>,
 }
 
 impl Ws {
@@ -408,6 +415,7 @@ impl Ws {
                     buf,
                     pos: 0,
                     out: Vec::with_capacity(4096),
+                    rx_ns: None,
                 });
             }
             if stream.read_buf(&mut buf).await? == 0 {
@@ -447,7 +455,8 @@ impl Ws {
 
     /// Reads more bytes; cancel-safe (a read either happened or did not).
     async fn fill(&mut self) -> io::Result<()> {
-        read_more(&mut self.stream, &mut self.buf, &mut self.pos).await
+        self.rx_ns = read_more(&mut self.stream, &mut self.buf, &mut self.pos).await?;
+        Ok(())
     }
 
     /// The next complete frame in the buffer: opcode and payload range. Answers Pings.
@@ -484,8 +493,13 @@ impl Ws {
 }
 
 /// Reads more bytes into `buf`, first dropping the consumed `..pos` when that is at least half
-/// of it; cancel-safe (a read either happened or did not). End of stream is an error.
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, pos: &mut usize) -> io::Result<()> {
+/// of it; cancel-safe (a read either happened or did not). End of stream is an error. Returns
+/// the kernel's receive time of what was read, if the socket has receive timestamps on.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+) -> io::Result<Option<u64>> {
     if *pos > 0 && *pos * 2 >= buf.len() {
         buf.drain(..*pos);
         *pos = 0;
@@ -493,10 +507,73 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, pos: &mut usize) -
     if buf.capacity() - buf.len() < 16 * 1024 {
         buf.reserve(64 * 1024);
     }
-    match stream.read_buf(buf).await? {
-        0 => Err(io::ErrorKind::UnexpectedEof.into()),
-        _ => Ok(()),
+    let fd = stream.as_raw_fd();
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || recv_stamped(fd, buf)) {
+            Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok((_, stamp)) => return Ok(stamp),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
+}
+
+// ---- kernel receive timestamps ----
+
+/// Asks the kernel to stamp what `stream` receives (SO_TIMESTAMPNS), so that a subscriber's
+/// latency ends when its event reached the socket, not when the generator got round to reading
+/// it: the generator's own wake-ups and parsing are not the broker's latency.
+fn enable_rx_timestamps(stream: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt on a socket we own, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One `recvmsg` into the spare capacity of `buf`: the bytes read, and the receive time
+/// (CLOCK_REALTIME ns) of the last segment among them when the kernel stamped it.
+fn recv_stamped(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, Option<u64>)> {
+    let spare = buf.spare_capacity_mut();
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: iov points into buf's spare capacity, control is ours; both outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: recvmsg initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    let mut stamp = None;
+    // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, stamp))
 }
 
 // ---- a minimal Server-Sent-Events client ----
@@ -507,6 +584,8 @@ struct Sse {
     stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
+    /// The kernel's receive time of the last read, as `Ws::rx_ns`.
+    rx_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -549,6 +628,7 @@ impl Sse {
                     stream,
                     buf,
                     pos: 0,
+                    rx_ns: None,
                 });
             }
             if stream.read_buf(&mut buf).await? == 0 {
@@ -559,7 +639,8 @@ impl Sse {
 
     /// Reads more bytes; cancel-safe.
     async fn fill(&mut self) -> io::Result<()> {
-        read_more(&mut self.stream, &mut self.buf, &mut self.pos).await
+        self.rx_ns = read_more(&mut self.stream, &mut self.buf, &mut self.pos).await?;
+        Ok(())
     }
 
     /// The next complete record in the buffer (one that ended with a blank line). Comment
@@ -885,6 +966,10 @@ impl Histogram {
 /// State shared by every task of one run. Times are nanoseconds since `epoch`.
 struct Shared {
     epoch: Instant,
+    /// `epoch` on CLOCK_REALTIME, the kernel's receive timestamps' clock.
+    epoch_real_ns: u64,
+    /// A subscriber read had no kernel timestamp, and was timed when the generator read it.
+    user_clock_used: AtomicBool,
     /// Latency and rates count the messages sent in `window_start..window_end`.
     window_start_ns: AtomicU64,
     window_end_ns: AtomicU64,
@@ -909,8 +994,11 @@ impl Shared {
                 u64::MAX
             }
         };
+        let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         Arc::new(Shared {
             epoch: Instant::now(),
+            epoch_real_ns: real.map_or(0, |d| d.as_nanos() as u64),
+            user_clock_used: AtomicBool::new(false),
             window_start_ns: AtomicU64::new(ns(from)),
             window_end_ns: AtomicU64::new(ns(to)),
             baseline_start_ns: AtomicU64::new(u64::MAX),
@@ -924,6 +1012,18 @@ impl Shared {
 
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// When a read's bytes arrived, in the run's clock: the kernel's receive timestamp, or
+    /// (without one) now.
+    fn received_at(&self, rx_ns: Option<u64>) -> u64 {
+        match rx_ns {
+            Some(real) => real.saturating_sub(self.epoch_real_ns),
+            None => {
+                self.user_clock_used.store(true, Ordering::Relaxed);
+                self.now_ns()
+            }
+        }
     }
 
     fn in_window(&self, t: u64) -> bool {
@@ -1047,14 +1147,15 @@ async fn open_subscribers(
 
 async fn open_subscriber(opts: &Options, topics: &[usize]) -> io::Result<Subscriber> {
     if opts.scenario.sse {
-        return open_sse_subscriber(opts, topics[0])
-            .await
-            .map(Subscriber::Sse);
+        let sse = open_sse_subscriber(opts, topics[0]).await?;
+        enable_rx_timestamps(&sse.stream);
+        return Ok(Subscriber::Sse(sse));
     }
     let ws = match opts.target {
         Target::Ours => subscribe_ours(opts, topics).await?,
         Target::Nats => subscribe_nats(opts, topics).await?,
     };
+    enable_rx_timestamps(&ws.stream);
     Ok(Subscriber::Ws(ws))
 }
 
@@ -1171,7 +1272,7 @@ async fn run_subscriber(
             tally.disconnected = !shared.stop.load(Ordering::Acquire);
             break;
         }
-        let now = shared.now_ns();
+        let now = shared.received_at(ws.rx_ns);
         let mut pong_due = false;
         while let Some((op, range)) = ws.frame() {
             let bytes = &ws.buf[range];
@@ -1251,7 +1352,7 @@ async fn run_sse_subscriber(mut sse: Sse, shared: Arc<Shared>, publishers: usize
             tally.disconnected = !shared.stop.load(Ordering::Acquire);
             break;
         }
-        let now = shared.now_ns();
+        let now = shared.received_at(sse.rx_ns);
         while let Some(record) = sse.record() {
             let data = &sse.buf[record.data];
             match record.kind {
@@ -1616,6 +1717,9 @@ struct Report {
     slow_consumer_notices: u64,
     disconnected_subscribers: u64,
     latency: Latency,
+    /// Where latency ends: "kernel" (the subscriber socket's receive timestamps) or "user"
+    /// (when the generator read it; some read had no kernel timestamp).
+    receive_clock: &'static str,
     /// Paced publishers: how far behind their due time messages left (µs).
     send_lag_p99_us: Option<f64>,
     send_lag_max_us: Option<f64>,
@@ -1637,7 +1741,11 @@ struct Report {
 impl Report {
     /// Adds the subscribers' tallies against `expected` deliveries; returns the deliveries
     /// of messages sent in the window.
-    fn add_tallies(&mut self, tallies: &[Tally], expected: u64) -> u64 {
+    fn add_tallies(&mut self, tallies: &[Tally], expected: u64, shared: &Shared) -> u64 {
+        self.receive_clock = match shared.user_clock_used.load(Ordering::Relaxed) {
+            false => "kernel",
+            true => "user",
+        };
         let (mut latency, mut baseline) = (Histogram::default(), Histogram::default());
         let mut in_window = 0;
         for t in tallies {
@@ -1764,7 +1872,7 @@ async fn run_stream(opts: &Options) -> io::Result<Report> {
     let tallies = stop_readers(readers, &shared).await?;
     let mut report = Report::default();
     let window = s.duration - opts.warmup;
-    report.delivered_per_s = report.add_tallies(&tallies, expected) as f64 / window;
+    report.delivered_per_s = report.add_tallies(&tallies, expected, &shared) as f64 / window;
     report.published_per_s = published_in_window as f64 / window;
     report.add_usage(&from, &to);
     report.add_lag(&lag);
@@ -1800,7 +1908,7 @@ async fn run_idle(opts: &Options) -> io::Result<Report> {
     }
     report.reach_all_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
     let tallies = stop_readers(readers, &shared).await?;
-    report.add_tallies(&tallies, expected);
+    report.add_tallies(&tallies, expected, &shared);
     Ok(report)
 }
 
@@ -1832,7 +1940,7 @@ async fn run_mass_disconnect(opts: &Options) -> io::Result<Report> {
     let tallies = stop_readers(readers, &shared).await?;
     let mut report = Report::default();
     let window = d.to.at.duration_since(d.from.at).as_secs_f64().max(1e-9);
-    report.delivered_per_s = report.add_tallies(&tallies, expected) as f64 / window;
+    report.delivered_per_s = report.add_tallies(&tallies, expected, &shared) as f64 / window;
     report.published_per_s = published.in_window as f64 / window;
     report.add_lag(&published.lag);
     report.add_usage(&d.from, &d.to);
@@ -2033,6 +2141,7 @@ fn json_line(opts: &Options, r: &Report) -> String {
         r.order_violations, r.duplicates, r.slow_consumer_notices, r.disconnected_subscribers
     );
     let _ = write!(out, r#""latency_us":{},"#, latency_json(&r.latency));
+    let _ = write!(out, r#""receive_clock":"{}","#, r.receive_clock);
     let figures = [
         ("send_lag_p99_us", r.send_lag_p99_us),
         ("send_lag_max_us", r.send_lag_max_us),
@@ -2085,11 +2194,19 @@ fn count_rows(r: &Report) -> Vec<(&'static str, String)> {
             r.disconnected_subscribers.to_string(),
         ),
         ("latency p50/p90/p99/p99.9/max", latency(&r.latency)),
+        ("  measured to", receipt(r.receive_clock).to_string()),
     ];
     if let Some(b) = &r.baseline_latency {
         rows.push(("  before the disconnect", latency(b)));
     }
     rows
+}
+
+fn receipt(clock: &str) -> &'static str {
+    match clock {
+        "kernel" => "the kernel's receive timestamp",
+        _ => "the generator's read",
+    }
 }
 
 /// The figures measured in this scenario (the others are left out).
@@ -2160,6 +2277,7 @@ fn median_report(reports: &[Report]) -> Report {
         slow_consumer_notices: sum(&|r| r.slow_consumer_notices),
         disconnected_subscribers: sum(&|r| r.disconnected_subscribers),
         latency: latency(&|r| Some(r.latency)).unwrap_or_default(),
+        receive_clock: reports[0].receive_clock,
         send_lag_p99_us: pick_opt(&|r| r.send_lag_p99_us),
         send_lag_max_us: pick_opt(&|r| r.send_lag_max_us),
         server_rss_mib: pick_opt(&|r| r.server_rss_mib),
