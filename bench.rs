@@ -61,9 +61,10 @@
 //!   `--window` PUBs unconfirmed, the same window as ours.
 //!
 //! What still differs is the protocols': our publish is acked and NATS's is not (the generator
-//! reads an ack per publish from us, a PONG per 128 from NATS), our event is a JSON frame of its
-//! own (about 230 bytes for a 100-byte payload) where nats-server packs several `MSG`s into one
-//! frame, and our publish is JSON (about 150 bytes) against a `PUB` line (about 117).
+//! reads an ack of about 100 bytes per publish from us, a PONG per 128 from NATS); our event is
+//! a JSON frame of its own (about 230 bytes for a 100-byte payload) where nats-server packs
+//! several `MSG`s (about 122 bytes each) into one frame; our publish is JSON (160 bytes) against
+//! a `PUB` (120).
 //!
 //! ## Pacing
 //! A paced publisher wakes on a timer every 1/rate, but no more often than every millisecond
@@ -79,11 +80,10 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use std::os::fd::{AsRawFd, RawFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
