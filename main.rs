@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -76,11 +76,12 @@ const DRAIN_BATCH: usize = 256;
 /// a peer that reads nothing for this long is dropped rather than holding its buffers forever.
 const WRITE_STALL_LIMIT: Duration = Duration::from_secs(60);
 
-/// tungstenite's per-connection buffers. The read buffer is allocated up front, so it is small:
-/// 10,000 idle connections should cost little, and 2 KiB reads cost nothing measurable in the
-/// fan-in benchmark. tungstenite writes only Pong and Close replies (events and replies are
-/// framed by `Session`), so its write buffer stays small too.
-const WS_READ_BUFFER: usize = 2 * 1024;
+/// tungstenite's per-connection buffers. The read buffer is allocated up front and kept for
+/// the connection's life, so it is small: 10,000 idle connections should cost little. A busy
+/// publisher's reads come from `ReadAhead`'s 16 KiB buffer, so 512-byte steps cost a copy
+/// per three messages, not a system call. tungstenite writes only Pong and Close replies
+/// (events and replies are framed by `Session`), so its write buffer stays small too.
+const WS_READ_BUFFER: usize = 512;
 const WS_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Upper bounds for the numeric settings, so a typo cannot ask for terabytes up front
@@ -656,15 +657,51 @@ impl Drop for SocketGuard {
     }
 }
 
+/// What follows a connection's HTTP exchange.
+enum Next {
+    /// A WebSocket upgrade: its request, and any bytes read past the head.
+    Upgrade(Connection, TcpStream, Request, Vec<u8>),
+    /// An SSE stream of a topic.
+    Events(Connection, TcpStream, String, Replay),
+    Done,
+}
+
 impl Connection {
-    async fn serve(mut self, mut stream: TcpStream, ip: IpAddr) {
+    /// The task of one TCP connection. The HTTP exchange is boxed, so its buffers and
+    /// futures are freed when it ends and the task itself is no larger than the WebSocket
+    /// session that may follow and live for hours (the unboxed task was 5 KiB).
+    async fn serve(self, stream: TcpStream, ip: IpAddr) {
+        let (_guard, over) = SocketGuard::admit(&self.broker, ip);
+        // Awaited in its own statement: a temporary of a `match` scrutinee keeps its room in
+        // the task until the match ends, moved into the box or not.
+        let next = Box::pin(self.exchange(stream, ip, over)).await;
+        match next {
+            Next::Upgrade(connection, stream, request, leftover) => {
+                let ws = Box::pin(connection.handshake(stream, request, leftover)).await;
+                let Connection {
+                    broker,
+                    stop,
+                    _alive,
+                } = connection;
+                if let Some(ws) = ws {
+                    Session::new(broker, stop, ws).run().await;
+                }
+            }
+            Next::Events(connection, stream, name, replay) => {
+                Box::pin(SseStream::serve(connection, stream, name, replay)).await
+            }
+            Next::Done => {}
+        }
+    }
+
+    /// Requests and responses on one connection, until it upgrades, streams, or ends.
+    async fn exchange(mut self, mut stream: TcpStream, ip: IpAddr, over: Option<&str>) -> Next {
         let broker = Arc::clone(&self.broker);
-        let (_guard, over) = SocketGuard::admit(&broker, ip);
         let _ = stream.set_nodelay(true);
         if let Some(why) = over {
             let response = Response::error(503, "LIMIT_EXCEEDED", why).closing();
             let _ = response.write_within(&mut stream, 1).await;
-            return;
+            return Next::Done;
         }
         let mut buf: Vec<u8> = Vec::with_capacity(1024);
         let mut deadline = Instant::now() + broker.config.head_timeout;
@@ -682,14 +719,14 @@ impl Connection {
                     let _ = Response::from_http_error(e)
                         .write_within(&mut stream, 1)
                         .await;
-                    return;
+                    return Next::Done;
                 }
-                HeadRead::Closed => return,
+                HeadRead::Closed => return Next::Done,
             };
             if broker.stopping.load(Ordering::Acquire) {
                 let response = Response::error(503, "SHUTTING_DOWN", "the server is shutting down");
                 let _ = response.closing().write_within(&mut stream, 1).await;
-                return;
+                return Next::Done;
             }
             if !broker.authorized(&request) {
                 let why = "this broker needs its API key: X-API-Key header or ?api_key=";
@@ -700,14 +737,14 @@ impl Connection {
                     response = response.closing();
                 }
                 if response.write_within(&mut stream, 10).await.is_err() || response.close {
-                    return;
+                    return Next::Done;
                 }
                 deadline = Instant::now() + broker.config.head_timeout;
                 continue;
             }
             if request.path == "/ws" && request.method == "GET" && request.wants_upgrade() {
                 drop(held);
-                return self.upgrade(stream, request, buf).await;
+                return Next::Upgrade(self, stream, request, buf);
             }
             let keep_alive = request.keep_alive();
             let body_len = match self
@@ -720,9 +757,9 @@ impl Connection {
                         format!("body larger than {} bytes", broker.config.max_message_bytes);
                     let response = Response::error(413, "PAYLOAD_TOO_LARGE", &message);
                     let _ = response.closing().write_within(&mut stream, 10).await;
-                    return;
+                    return Next::Done;
                 }
-                Err(BodyError::Closed) => return,
+                Err(BodyError::Closed) => return Next::Done,
             };
             let answer = rest(&broker, &request, &buf[..body_len], ip);
             // Idle is idle: the body's room goes back once it has been handled.
@@ -735,15 +772,14 @@ impl Connection {
                 Answer::Respond(response) if keep_alive => response,
                 Answer::Respond(response) => response.closing(),
                 Answer::Stream(name, replay) => {
-                    drop((held, buf));
-                    return Box::pin(SseStream::serve(self, stream, name, replay)).await;
+                    return Next::Events(self, stream, name, replay);
                 }
             };
             // Unsent output: a big /stats read slowly is held until it is written.
             let _unsent = Charged::new(&broker.budget, response.body.len());
             let close = response.close;
             if response.write_within(&mut stream, 10).await.is_err() || close {
-                return;
+                return Next::Done;
             }
             deadline = Instant::now() + broker.config.head_timeout;
         }
@@ -777,9 +813,14 @@ impl Connection {
         Ok(len)
     }
 
-    /// Completes the WebSocket handshake ourselves (the head is already parsed), then hands
-    /// the stream, with any bytes read past the head, to a session.
-    async fn upgrade(self, mut stream: TcpStream, request: Request, leftover: Vec<u8>) {
+    /// Completes the WebSocket handshake ourselves (the head is already parsed): the stream,
+    /// with any bytes read past the head, ready for a session.
+    async fn handshake(
+        &self,
+        mut stream: TcpStream,
+        request: Request,
+        leftover: Vec<u8>,
+    ) -> Option<Ws> {
         let key = request.header("sec-websocket-key").map(str::trim);
         let version = request.header("sec-websocket-version").map(str::trim);
         if version != Some("13") {
@@ -788,22 +829,24 @@ impl Connection {
                 .header("Sec-WebSocket-Version", "13")
                 .closing();
             let _ = response.write_within(&mut stream, 1).await;
-            return;
+            return None;
         }
         let Some(key) = key.filter(|k| is_websocket_key(k)) else {
             let why = "missing or malformed Sec-WebSocket-Key";
             let response = Response::error(400, "BAD_REQUEST", why).closing();
             let _ = response.write_within(&mut stream, 1).await;
-            return;
+            return None;
         };
         let accept = derive_accept_key(key.as_bytes());
+        drop(request);
         let head = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {accept}\r\n\r\n"
         );
-        match timeout(Duration::from_secs(10), stream.write_all(head.as_bytes())).await {
-            Ok(Ok(())) => {}
-            _ => return,
+        let written = timeout(Duration::from_secs(10), stream.write_all(head.as_bytes())).await;
+        drop(head);
+        if !matches!(written, Ok(Ok(()))) {
+            return None;
         }
         let limit = self.broker.config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
@@ -812,14 +855,16 @@ impl Connection {
             .max_write_buffer_size(WS_WRITE_BUFFER + 2 * limit + 4096)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
+        // The bytes read past the head, in a buffer of their own (usually none): the head's
+        // 1 KiB buffer would otherwise become tungstenite's for the connection's life.
         let ws = WebSocketStream::from_partially_read(
             ReadAhead::new(stream, &self.broker.budget),
-            leftover,
+            leftover.as_slice().to_vec(),
             Role::Server,
             Some(ws_config),
         )
         .await;
-        Session::new(self.broker, self.stop, ws).run().await;
+        Some(ws)
     }
 }
 
@@ -1127,6 +1172,7 @@ impl Topic {
 
     /// Registers `outbox` and reads the replay it asked for, at the ordering point.
     fn subscribe(&self, outbox: &Arc<Outbox>, replay: Replay) -> Option<Backlog> {
+        outbox.open();
         let mut state = self.lock();
         if self.is_deleted() {
             return None;
@@ -1366,7 +1412,11 @@ fn event_capacity(name: &str, id_len: usize, payload: &str) -> usize {
 /// What publishers hand to one connection: a bounded queue of events with drop-oldest, and
 /// the out-of-band notices that must not be dropped with them.
 pub(crate) struct Outbox {
-    queue: ArrayQueue<Arc<Event>>,
+    /// Made by the connection's first subscribe: a connection that only publishes never
+    /// allocates one (1,000 slots are 16 KiB). Boxed, because its two cache-padded indices
+    /// would align the whole outbox to 128 bytes.
+    queue: OnceLock<Box<ArrayQueue<Arc<Event>>>>,
+    capacity: usize,
     /// Events evicted since the connection last reported them in a `SLOW_CONSUMER` notice.
     /// Kept here rather than in the queue so the notice itself can never be evicted.
     dropped: AtomicU64,
@@ -1386,7 +1436,8 @@ pub(crate) struct Outbox {
 impl Outbox {
     fn new(capacity: usize) -> Outbox {
         Outbox {
-            queue: ArrayQueue::new(capacity),
+            queue: OnceLock::new(),
+            capacity,
             dropped: AtomicU64::new(0),
             notify: Notify::new(),
             woken: AtomicBool::new(false),
@@ -1395,14 +1446,28 @@ impl Outbox {
         }
     }
 
+    /// Makes the queue, before the outbox is first registered with a topic.
+    fn open(&self) {
+        self.queue
+            .get_or_init(|| Box::new(ArrayQueue::new(self.capacity)));
+    }
+
+    fn pop(&self) -> Option<Arc<Event>> {
+        self.queue.get()?.pop()
+    }
+
+    fn len(&self) -> usize {
+        self.queue.get().map_or(0, |queue| queue.len())
+    }
+
     fn is_slow(&self) -> bool {
-        self.queue.len() >= (self.queue.capacity() / 2).min(16)
+        self.len() >= (self.capacity / 2).min(16)
     }
 
     /// Sheds the oldest queued event, counted and told like a drop-oldest eviction; false
     /// when the queue is empty.
     fn shed_oldest(&self) -> bool {
-        let Some(event) = self.queue.pop() else {
+        let Some(event) = self.pop() else {
             return false;
         };
         self.dropped.fetch_add(1, Ordering::AcqRel);
@@ -1412,7 +1477,10 @@ impl Outbox {
     }
 
     fn push(&self, event: &Arc<Event>) {
-        if let Some(evicted) = self.queue.force_push(Arc::clone(event)) {
+        let Some(queue) = self.queue.get() else {
+            return;
+        };
+        if let Some(evicted) = queue.force_push(Arc::clone(event)) {
             self.dropped.fetch_add(1, Ordering::AcqRel);
             evicted.topic.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -1451,7 +1519,7 @@ impl Outbox {
     }
 
     fn has_work(&self) -> bool {
-        !self.queue.is_empty()
+        self.len() > 0
             || self.dropped.load(Ordering::Acquire) > 0
             || self.has_deleted.load(Ordering::Acquire)
     }
@@ -1635,7 +1703,7 @@ impl Broker {
             .map(|e| Arc::clone(e.value()))
             .filter(|outbox| outbox.is_slow())
             .collect();
-        queues.sort_by_key(|outbox| std::cmp::Reverse(outbox.queue.len()));
+        queues.sort_by_key(|outbox| std::cmp::Reverse(outbox.len()));
         while self.budget.used() > target && !queues.is_empty() {
             queues.retain(|outbox| outbox.shed_oldest());
         }
@@ -3472,7 +3540,7 @@ impl Drop for Subscriptions {
         // No publish reaches this outbox any more, though a large topic's snapshot may hold
         // it until its next rebuild: let go of the queued events now, so they neither stay
         // charged nor wait for a shedder that can no longer see them.
-        while self.outbox.queue.pop().is_some() {}
+        while self.outbox.pop().is_some() {}
         self.broker.outboxes.remove(&self.id);
         self.broker.sessions.fetch_sub(1, Ordering::AcqRel);
         log!(self.broker, Level::Debug, "connection {} closed", self.id);
@@ -3518,7 +3586,7 @@ impl Subscriptions {
     /// topic-deleted notices. The connection writes the buffer when nothing else is ready.
     async fn drain(&mut self, w: &mut impl Writer) -> std::io::Result<()> {
         for _ in 0..DRAIN_BATCH {
-            let Some(event) = self.outbox.queue.pop() else {
+            let Some(event) = self.outbox.pop() else {
                 break;
             };
             w.event(&event);
@@ -3559,8 +3627,8 @@ impl Subscriptions {
         w: &mut impl Writer,
         skip: Option<&Arc<TopicShared>>,
     ) -> std::io::Result<()> {
-        for _ in 0..self.outbox.queue.capacity() {
-            let Some(event) = self.outbox.queue.pop() else {
+        for _ in 0..self.outbox.capacity {
+            let Some(event) = self.outbox.pop() else {
                 break;
             };
             if !skip.is_some_and(|topic| Arc::ptr_eq(&event.topic, topic)) {
@@ -3989,6 +4057,14 @@ struct Session {
     stop: watch::Receiver<Option<Instant>>,
 }
 
+/// What woke a WebSocket session's task.
+enum Woke {
+    Stop,
+    Beat(Beat),
+    Read(Option<Result<Message, WsError>>),
+    Write,
+}
+
 impl Session {
     fn new(broker: Arc<Broker>, stop: watch::Receiver<Option<Instant>>, ws: Ws) -> Session {
         let writer = WsWriter {
@@ -4061,27 +4137,40 @@ impl Session {
                 return e.into();
             }
             let pending = self.writer.buffered() > 0;
-            let step = tokio::select! {
+            // The select only says what woke the task; the work happens after it, so the
+            // futures of its branches and those of the work never take room side by side.
+            let woke = tokio::select! {
                 biased;
-                _ = self.stop.changed() => return Box::pin(self.goodbye()).await,
-                beat = self.heartbeat.tick() => match beat {
-                    Beat::Ping => {
-                        self.writer.shrink();
-                        self.writer.frame(OPCODE_PING, &[]);
-                        self.writer.message("info", Timestamp::now(), |json| json.plain("msg", "ping"));
-                        continue;
-                    }
-                    Beat::Quiet => {
-                        self.writer.shrink();
-                        continue;
-                    }
-                    Beat::Dead => {
-                        let id = self.subscriptions.id;
-                        log!(self.subscriptions.broker, Level::Debug, "connection {id} timed out");
-                        return End::Closed;
-                    }
-                },
-                incoming = self.writer.ws.next() => {
+                _ = self.stop.changed() => Woke::Stop,
+                beat = self.heartbeat.tick() => Woke::Beat(beat),
+                incoming = self.writer.ws.next() => Woke::Read(incoming),
+                _ = outbox.notify.notified() => continue,
+                // Nothing else is ready: write what the loop has gathered, in one go.
+                _ = std::future::ready(()), if pending => Woke::Write,
+            };
+            let step = match woke {
+                Woke::Stop => return Box::pin(self.goodbye()).await,
+                Woke::Beat(Beat::Ping) => {
+                    self.writer.shrink();
+                    self.writer.frame(OPCODE_PING, &[]);
+                    self.writer
+                        .message("info", Timestamp::now(), |json| json.plain("msg", "ping"));
+                    continue;
+                }
+                Woke::Beat(Beat::Quiet) => {
+                    self.writer.shrink();
+                    continue;
+                }
+                Woke::Beat(Beat::Dead) => {
+                    let id = self.subscriptions.id;
+                    log!(
+                        self.subscriptions.broker,
+                        Level::Debug,
+                        "connection {id} timed out"
+                    );
+                    return End::Closed;
+                }
+                Woke::Read(incoming) => {
                     self.heartbeat.heard();
                     match incoming {
                         None => return End::Closed,
@@ -4089,11 +4178,7 @@ impl Session {
                         Some(Ok(message)) => self.on_burst(message).await,
                     }
                 }
-                _ = outbox.notify.notified() => continue,
-                // Nothing else is ready: write what the loop has gathered, in one go.
-                _ = std::future::ready(()), if pending => {
-                    self.writer.write_out().await.map_err(End::from)
-                }
+                Woke::Write => self.writer.write_out().await.map_err(End::from),
             };
             if let Err(end) = step {
                 return end;
@@ -4267,7 +4352,7 @@ impl Session {
             let ts = Timestamp::now();
             self.writer
                 .message("info", ts, |json| json.plain("msg", "shutdown"));
-            while !self.subscriptions.outbox.queue.is_empty() {
+            while self.subscriptions.outbox.len() > 0 {
                 self.subscriptions.drain(&mut self.writer).await?;
             }
             self.writer.write_out().await?;
@@ -4499,7 +4584,7 @@ impl SseStream {
     async fn goodbye(&mut self) {
         let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
         let farewell = async {
-            while !self.subscriptions.outbox.queue.is_empty() {
+            while self.subscriptions.outbox.len() > 0 {
                 self.subscriptions.drain(&mut self.writer).await?;
             }
             self.writer.notice("shutdown", |json| json);
