@@ -261,6 +261,8 @@ async fn registry(broker: Arc<Broker>) {
             return;
         }
     };
+    // The first connection may have come before `connected` was watched.
+    cluster.reconcile(&broker).await;
     loop {
         tokio::select! {
             changed = connected.changed() => {

@@ -4093,6 +4093,7 @@ mod cluster {
 
     use super::*;
     use std::path::PathBuf;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// `nats-server` on PATH (or in /usr/sbin, where Debian puts it), or `$NATS_SERVER`.
@@ -4529,5 +4530,144 @@ mod cluster {
         let (ack, events) = resume(&mut Client::connect(b.addr).await, "o", 0).await;
         assert_eq!(ack["replayed"], 3, "{ack}");
         assert_eq!(events.iter().map(seq).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// A TCP proxy in front of nats-server that a test can cut and restore, so that one node
+    /// loses NATS while the others keep it.
+    struct Cut {
+        port: u16,
+        open: Arc<std::sync::atomic::AtomicBool>,
+        links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+        accepting: tokio::task::JoinHandle<()>,
+    }
+
+    impl Cut {
+        async fn start(nats: &Nats) -> Cut {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let target = nats.port;
+            let (open2, links2) = (Arc::clone(&open), Arc::clone(&links));
+            let accepting = tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open2.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        continue;
+                    };
+                    let link = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                    links2.lock().unwrap().push(link);
+                }
+            });
+            Cut {
+                port,
+                open,
+                links,
+                accepting,
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+
+        fn cut(&self) {
+            self.open.store(false, Ordering::SeqCst);
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+
+        fn restore(&self) {
+            self.open.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Cut {
+        fn drop(&mut self) {
+            self.accepting.abort();
+            self.cut();
+        }
+    }
+
+    /// Waits until `addr` answers `GET /topics` with `status` (200 connected, 503 not).
+    async fn topics_answer(addr: SocketAddr, want: u16) {
+        eventually("GET /topics status", || async move {
+            match http(addr, "GET", "/topics", None).await.status {
+                status if status == want => Ok(()),
+                status => Err(format!("status {status}")),
+            }
+        })
+        .await;
+    }
+
+    /// Reads until the event with `seq` last arrives: the seqs of the events, and the
+    /// `dropped` counts of the slow-consumer notices among them.
+    async fn until_seq(client: &mut Client, last: u64) -> (Vec<u64>, u64) {
+        let (mut seqs, mut dropped) = (Vec::new(), 0);
+        while seqs.last() != Some(&last) {
+            let message = client.recv().await;
+            match message["type"].as_str() {
+                Some("event") => seqs.push(seq(&message)),
+                Some("error") if message["error"]["code"] == "SLOW_CONSUMER" => {
+                    dropped += message["dropped"].as_u64().unwrap();
+                }
+                _ => panic!("unexpected {message}"),
+            }
+        }
+        (seqs, dropped)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_cut_off_from_nats_catches_up_and_reports_what_the_stream_no_longer_holds() {
+        let Some(nats) = Nats::start("a_node_cut_off_from_nats") else {
+            return;
+        };
+        let cut = Cut::start(&nats).await;
+        let a = node(&nats, &[("REPLAY_SIZE", "5")]).await;
+        let b = {
+            let url = cut.url();
+            let b = Spawned::start(&[
+                ("NATS_URL", &url),
+                ("LOG_LEVEL", "warn"),
+                ("REPLAY_SIZE", "5"),
+            ]);
+            topics_answer(b.addr, 200).await;
+            b
+        };
+        create(a.addr, "c").await;
+        let (mut on_b, _) = joined(b.addr, "c", json!({})).await;
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("c", json!(1)).await, 1);
+        assert_eq!(seq(&on_b.event().await), 1);
+        // B loses NATS while A publishes three: on reconnect it fetches them, in order.
+        cut.cut();
+        topics_answer(b.addr, 503).await;
+        for i in 2..=4 {
+            assert_eq!(publisher.publish("c", json!(i)).await, i);
+        }
+        let (pong, _) = on_b.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong", "B's clients stay connected");
+        cut.restore();
+        assert_eq!(until_seq(&mut on_b, 4).await, (vec![2, 3, 4], 0));
+        // Ten more while it is cut off: the stream keeps the last five (10..=14); the five
+        // before are told as dropped, and the rest arrive in order.
+        cut.cut();
+        topics_answer(b.addr, 503).await;
+        for i in 5..=14 {
+            assert_eq!(publisher.publish("c", json!(i)).await, i);
+        }
+        cut.restore();
+        assert_eq!(until_seq(&mut on_b, 14).await, ((10..=14).collect(), 5));
+        let (ack, _) = resume(&mut Client::connect(b.addr).await, "c", 4).await;
+        assert_eq!(
+            (&ack["replayed"], &ack["missed"]),
+            (&json!(5), &json!(5)),
+            "{ack}"
+        );
     }
 }
