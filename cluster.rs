@@ -250,7 +250,15 @@ async fn registry(broker: Arc<Broker>) {
         return;
     };
     let mut connected = cluster.connected.subscribe();
-    let mut advisories = match link.client.subscribe("$JS.EVENT.ADVISORY.STREAM.*.*").await {
+    let subscribed = timeout(
+        REQUEST_TIMEOUT,
+        link.client.subscribe("$JS.EVENT.ADVISORY.STREAM.*.*"),
+    )
+    .await;
+    let subscribed = subscribed
+        .map_err(|_| "timed out".to_string())
+        .and_then(|result| result.map_err(|e| e.to_string()));
+    let mut advisories = match subscribed {
         Ok(subscriber) => subscriber,
         Err(e) => {
             log!(
@@ -278,16 +286,10 @@ async fn registry(broker: Arc<Broker>) {
                     continue;
                 };
                 let Some(name) = Names::topic_of(stream) else { continue };
-                match action {
-                    "CREATED" => {
-                        let _ = cluster.lookup(&broker, &name).await;
-                    }
-                    "DELETED" => {
-                        if let Some(topic) = broker.topic(&name) {
-                            cluster.retire(&broker, &topic);
-                        }
-                    }
-                    _ => {}
+                // Either way JetStream is asked what holds now: an advisory may arrive after
+                // this node already acted on a later change (its own delete and re-create).
+                if matches!(action, "CREATED" | "DELETED") {
+                    let _ = cluster.lookup(&broker, &name).await;
                 }
             }
         }
@@ -369,17 +371,20 @@ impl Cluster {
         }
     }
 
-    /// Asks JetStream about a topic this node does not hold (or holds an old incarnation of).
+    /// Asks JetStream about a topic: adopts the incarnation it holds, or retires the one
+    /// held here if it holds none. Only what was held before asking is retired, so a topic
+    /// created on this node meanwhile is left alone.
     async fn lookup(&self, broker: &Broker, name: &str) -> Result<Arc<Topic>, Lookup> {
         let link = self.link().map_err(|e| Lookup::Failed(e.message))?;
         let names = Names::of(name);
+        let held = broker.topic(name);
         match link.js.get_stream(&names.stream).await {
             Ok(stream) => Ok(self.adopt(broker, name, epoch_of(stream.cached_info()))),
             Err(e) => match e.kind() {
                 jetstream::context::GetStreamErrorKind::JetStream(err)
                     if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    if let Some(topic) = broker.topic(name) {
+                    if let Some(topic) = held {
                         self.retire(broker, &topic);
                     }
                     Err(Lookup::Missing)
@@ -454,6 +459,7 @@ impl Cluster {
     async fn delete(&self, broker: &Broker, name: &str) -> Result<(), Reject> {
         let link = self.link()?;
         let names = Names::of(name);
+        let held = broker.topic(name);
         let result = link.js.delete_stream(&names.stream).await;
         let gone = match &result {
             Ok(_) => true,
@@ -463,7 +469,7 @@ impl Cluster {
                     if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ),
         };
-        if gone && let Some(topic) = broker.topic(name) {
+        if gone && let Some(topic) = held {
             self.retire(broker, &topic);
         }
         match result {
@@ -544,7 +550,7 @@ impl Cluster {
         name: &str,
     ) -> Result<Arc<Topic>, Reject> {
         let mut topic = self.topic(broker, name).await?;
-        let (mut progress, poke) = self.feed(broker, &topic);
+        let (mut progress, mut poke) = self.feed(broker, &topic);
         let link = match self.link() {
             Ok(link) => link,
             // Followed before: serve what this node has; the feed catches up on reconnect.
@@ -566,7 +572,7 @@ impl Cluster {
         if epoch_of(&info) != topic.epoch {
             // Deleted and re-created while this node held the old one: join the new one.
             topic = self.adopt(broker, name, epoch_of(&info));
-            (progress, _) = self.feed(broker, &topic);
+            (progress, poke) = self.feed(broker, &topic);
         }
         let last = info.state.last_sequence;
         if *progress.borrow() <= last {
@@ -613,6 +619,12 @@ impl Cluster {
     /// retires the deleted. Feeds compare their own `(epoch, last seq)` on the same signal.
     async fn reconcile(&self, broker: &Broker) {
         let Ok(link) = self.link() else { return };
+        // Only topics held before the listing can be stale: one created since is not in it.
+        let held: Vec<Arc<Topic>> = broker
+            .topics
+            .iter()
+            .map(|entry| Arc::clone(entry.value()))
+            .collect();
         let listed = timeout(REQUEST_TIMEOUT * 4, async {
             link.js.streams().collect::<Vec<_>>().await
         })
@@ -639,14 +651,8 @@ impl Cluster {
                 seen.insert(name);
             }
         }
-        let stale: Vec<Arc<Topic>> = broker
-            .topics
-            .iter()
-            .filter(|entry| !seen.contains(entry.key()))
-            .map(|entry| Arc::clone(entry.value()))
-            .collect();
-        for topic in stale {
-            self.retire(broker, &topic);
+        for topic in held.iter().filter(|topic| !seen.contains(&topic.name)) {
+            self.retire(broker, topic);
         }
         log!(
             broker,
@@ -894,9 +900,10 @@ impl Follower {
         let names = Names::of(&self.topic.name);
         let mut connected = cluster.connected.subscribe();
         // Subscribed before the stream is read, so nothing falls between the two.
-        let mut live = match link.client.subscribe(names.live.clone()).await {
-            Ok(live) => live,
-            Err(e) => {
+        let subscribed = timeout(REQUEST_TIMEOUT, link.client.subscribe(names.live.clone())).await;
+        let mut live = match subscribed {
+            Ok(Ok(live)) => live,
+            Ok(Err(e)) => {
                 log!(
                     broker,
                     Level::Warn,
@@ -905,6 +912,8 @@ impl Follower {
                 );
                 return;
             }
+            // The next subscriber starts it again.
+            Err(_) => return,
         };
         let mut stale = true;
         loop {
