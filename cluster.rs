@@ -3,8 +3,8 @@
 //! `seq` and `epoch` everywhere, `last_n` and `since_seq` answered from any node.
 //!
 //! JetStream does the work no broker should reinvent. A topic is a stream of its own
-//! (`t_<hex(name)>`, subject `t.<hex(name)>`) that keeps `REPLAY_SIZE` messages, drops the
-//! oldest and denies deletes, so its stream sequence is dense and **is** the topic's `seq`.
+//! (`t_<base32hex(name)>`, subject `t.<hex(name)>`) that keeps `REPLAY_SIZE` messages, drops
+//! the oldest and denies deletes, so its stream sequence is dense and **is** the topic's `seq`.
 //! The stream's creation time is the `epoch`. A publish is a JetStream publish with a
 //! `Nats-Msg-Id` (retried once with the same id, so a retry never takes a second `seq`), and
 //! the ack's sequence is the `seq` the client is told.
@@ -98,12 +98,19 @@ struct Feed {
     task: tokio::task::AbortHandle,
 }
 
-/// A topic's names in NATS. Hex keeps every topic name (`.` included) one token long.
+/// A topic's names in NATS. Subjects carry the name in hex, which keeps every topic name
+/// (`.` included) one token long. Stream names are at most 255 characters (they name a
+/// directory of the store), too few for the hex of a 128-character topic, so the stream is
+/// named in base32hex instead: 205 characters at most, and lower case only, so that two
+/// topics never share a directory on a case-insensitive file system.
 struct Names {
     stream: String,
     subject: String,
     live: String,
 }
+
+/// The base32hex digits (RFC 4648), in lower case.
+const BASE32: &[u8; 32] = b"0123456789abcdefghijklmnopqrstuv";
 
 impl Names {
     fn of(topic: &str) -> Names {
@@ -111,26 +118,47 @@ impl Names {
         for b in topic.bytes() {
             let _ = write!(hex, "{b:02x}");
         }
+        let mut stream = String::with_capacity(2 + topic.len() * 8 / 5 + 1);
+        stream.push_str("t_");
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for b in topic.bytes() {
+            acc = (acc << 8) | u32::from(b);
+            bits += 8;
+            while bits >= 5 {
+                bits -= 5;
+                stream.push(BASE32[(acc >> bits) as usize & 31] as char);
+            }
+            acc &= (1 << bits) - 1;
+        }
+        if bits > 0 {
+            stream.push(BASE32[(acc << (5 - bits)) as usize & 31] as char);
+        }
         Names {
-            stream: format!("t_{hex}"),
+            stream,
             subject: format!("t.{hex}"),
             live: format!("live.{hex}"),
         }
     }
 
-    /// The topic a stream holds, for the streams this broker made.
+    /// The topic a stream holds, for the streams this broker made (`None` for any other).
     fn topic_of(stream: &str) -> Option<String> {
-        let hex = stream.strip_prefix("t_")?;
-        if hex.len() % 2 != 0 || !hex.is_ascii() {
-            return None;
+        let digits = stream.strip_prefix("t_")?;
+        let (mut acc, mut bits) = (0u32, 0u32);
+        let mut bytes = Vec::with_capacity(digits.len() * 5 / 8);
+        for c in digits.bytes() {
+            let value = BASE32.iter().position(|&d| d == c)? as u32;
+            acc = (acc << 5) | value;
+            bits += 5;
+            if bits >= 8 {
+                bits -= 8;
+                bytes.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
         }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
         let name = String::from_utf8(bytes).ok()?;
         check_topic_name(&name).ok()?;
-        Some(name)
+        // Only the canonical spelling: no two stream names map to one topic.
+        (Names::of(&name).stream == stream).then_some(name)
     }
 }
 

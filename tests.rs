@@ -4248,8 +4248,28 @@ mod cluster {
             assert_eq!(x, y, "the same event on both nodes");
             assert_eq!(x["message"]["payload"]["n"], i);
         }
-        // The ids assigned by A are the same on B, and unique to the cluster.
         assert_eq!(rest.body["id"], "from-b");
+        // The longest name the contract allows, dots and all, is a stream too.
+        let long = format!("{}.{}", "a".repeat(63), "Z_-9".repeat(16));
+        create(b.addr, &long).await;
+        let (mut far, _) = joined(a.addr, &long, json!({})).await;
+        let rest = http(
+            b.addr,
+            "POST",
+            &format!("/topics/{long}/messages"),
+            Some(r#"{"payload":0}"#),
+        )
+        .await;
+        assert_eq!(rest.status, 201, "{}", rest.body);
+        assert_eq!(far.event().await["topic"], long.as_str());
+        let listed = http(a.addr, "GET", "/topics", None).await;
+        let names: Vec<&str> = listed.body["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [long.as_str(), "orders.eu"]);
     }
 
     /// Every event a subscriber gets until it has `n`, as `(seq, payload)`.
