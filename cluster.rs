@@ -559,6 +559,11 @@ impl Cluster {
                     last_error = e.to_string();
                 }
                 Err(_) => last_error = "no ack within the deadline".into(),
+                // nats-server's `max_payload` (1 MiB unless configured) is below this
+                // broker's MAX_MESSAGE_BYTES.
+                Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(reject("LIMIT_EXCEEDED", format!("refused by NATS: {e}")));
+                }
                 Ok(Err(e)) => return Err(unavailable(e)),
             }
             if link.client.connection_state() != async_nats::connection::State::Connected {
