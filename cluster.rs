@@ -68,6 +68,8 @@ pub(super) fn engine(config: &Config) -> Engine {
 /// The cluster side of a broker: its link to NATS and the topics this node follows.
 pub(super) struct Cluster {
     url: String,
+    /// `host:port` of the URL, for logs: a password in the URL is never printed.
+    server: String,
     /// Set once by `start`; the client reconnects by itself from then on.
     link: OnceLock<Link>,
     /// This process among the nodes: the first half of every `Nats-Msg-Id` it sends and of
@@ -252,7 +254,7 @@ pub(super) fn start(broker: &Arc<Broker>) {
                     broker,
                     Level::Error,
                     "cluster: cannot use {}: {e}",
-                    cluster.url
+                    cluster.server
                 );
                 return;
             }
@@ -263,7 +265,7 @@ pub(super) fn start(broker: &Arc<Broker>) {
         if cluster.link.set(Link { client, js }).is_err() {
             return;
         }
-        log!(broker, Level::Info, "cluster: NATS at {}", cluster.url);
+        log!(broker, Level::Info, "cluster: NATS at {}", cluster.server);
         registry(broker).await;
     });
 }
@@ -330,8 +332,13 @@ impl Cluster {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as u64;
+        let server = url.parse::<async_nats::ServerAddr>().map_or_else(
+            |_| "the NATS server".to_string(),
+            |addr| format!("{}:{}", addr.host(), addr.port()),
+        );
         Cluster {
             url: url.to_string(),
+            server,
             link: OnceLock::new(),
             node: mix(nanos ^ (u64::from(std::process::id()) << 32)),
             sent: AtomicU64::new(0),

@@ -4215,6 +4215,25 @@ mod cluster {
         node
     }
 
+    #[test]
+    fn a_nats_url_that_cannot_work_stops_the_server_with_status_2() {
+        for url in [
+            "tls://127.0.0.1:4222",
+            "nats://127.0.0.1:notaport",
+            "http://x",
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+                .env("NATS_URL", url)
+                .env("PORT", "0")
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{url}");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(text.contains("NATS_URL"), "{text}");
+        }
+    }
+
     /// A subscribed client: the ack.
     async fn joined(addr: SocketAddr, topic: &str, with: Value) -> (Client, Value) {
         let mut client = Client::connect(addr).await;
