@@ -590,11 +590,15 @@ impl Cluster {
         name: &str,
     ) -> Result<Arc<Topic>, Reject> {
         let mut topic = self.topic(broker, name).await?;
+        let followed = self
+            .feeds
+            .get(name)
+            .is_some_and(|feed| Arc::ptr_eq(&feed.topic, &topic) && !feed.task.is_finished());
         let (mut progress, mut poke) = self.feed(broker, &topic);
         let link = match self.link() {
             Ok(link) => link,
-            // Followed before: serve what this node has; the feed catches up on reconnect.
-            Err(_) if *progress.borrow() > 1 => return Ok(topic),
+            // Followed already: serve what this node has; the feed catches up on reconnect.
+            Err(_) if followed => return Ok(topic),
             Err(e) => return Err(e),
         };
         let names = Names::of(name);

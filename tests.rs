@@ -4519,11 +4519,25 @@ mod cluster {
         let a = node(&nats, &[]).await;
         let b = node(&nats, &[]).await;
         create(a.addr, "o").await;
+        create(a.addr, "unfollowed").await;
         let (mut on_b, _) = joined(b.addr, "o", json!({})).await;
         let mut publisher = Client::connect(a.addr).await;
         assert_eq!(publisher.publish("o", json!(1)).await, 1);
         assert_eq!(seq(&on_b.event().await), 1);
         nats.stop().await;
+        topics_answer(b.addr, 503).await;
+        // A topic B follows is served from B's ring; one it does not cannot be.
+        let mut during = Client::connect(b.addr).await;
+        let (ack, replayed) = resume(&mut during, "o", 0).await;
+        assert_eq!(
+            (&ack["replayed"], seq(&replayed[0])),
+            (&json!(1), 1),
+            "{ack}"
+        );
+        let (refused, _) = during
+            .request(json!({"type":"subscribe","topic":"unfollowed"}))
+            .await;
+        assert_eq!(refused["error"]["code"], "INTERNAL", "{refused}");
         // Refused explicitly, over WebSocket and REST; the sockets stay open.
         let (refused, _) = publisher
             .request(json!({"type":"publish","topic":"o","message":{"payload":2}}))
