@@ -4096,10 +4096,11 @@ mod cluster {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// `nats-server` on PATH (or in /usr/sbin, where Debian puts it), or `$NATS_SERVER`.
+    /// `$NATS_SERVER` if set, else `nats-server` on PATH or in /usr/sbin (where Debian puts
+    /// it); `None` if that is not a file.
     fn nats_binary() -> Option<PathBuf> {
         if let Some(path) = std::env::var_os("NATS_SERVER") {
-            return Some(PathBuf::from(path));
+            return Some(PathBuf::from(path)).filter(|path| path.is_file());
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
