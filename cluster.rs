@@ -82,6 +82,9 @@ pub(super) struct Cluster {
     /// Counts (re)connections to NATS: feeds and the registry compare themselves with
     /// JetStream again each time it moves.
     connected: watch::Sender<u64>,
+    /// Whether the link is up, as the client's events tell it: a request in flight when it
+    /// goes down is given up at once (`within`) rather than at its deadline.
+    up: watch::Sender<bool>,
 }
 
 struct Link {
@@ -224,6 +227,7 @@ pub(super) fn start(broker: &Arc<Broker>) {
         return;
     };
     let connected = cluster.connected.clone();
+    let up = cluster.up.clone();
     let options = ConnectOptions::new()
         .name(format!("pubsub-{:x}", cluster.node))
         .retry_on_initial_connect()
@@ -235,10 +239,17 @@ pub(super) fn start(broker: &Arc<Broker>) {
             Duration::from_millis((attempts as u64 * 100).min(1000))
         })
         .event_callback(move |event| {
-            let connected = connected.clone();
+            let (connected, up) = (connected.clone(), up.clone());
             async move {
-                if let async_nats::Event::Connected = event {
-                    connected.send_modify(|n| *n += 1);
+                match event {
+                    async_nats::Event::Connected => {
+                        up.send_replace(true);
+                        connected.send_modify(|n| *n += 1);
+                    }
+                    async_nats::Event::Disconnected => {
+                        up.send_replace(false);
+                    }
+                    _ => {}
                 }
             }
         });
@@ -307,6 +318,7 @@ async fn registry(broker: Arc<Broker>) {
                 if changed.is_err() {
                     return;
                 }
+                log!(broker, Level::Info, "cluster: connected to {}", cluster.server);
                 cluster.reconcile(&broker).await;
             }
             advisory = advisories.next() => {
@@ -344,6 +356,7 @@ impl Cluster {
             sent: AtomicU64::new(0),
             feeds: DashMap::new(),
             connected: watch::Sender::new(0),
+            up: watch::Sender::new(false),
         }
     }
 
@@ -357,6 +370,43 @@ impl Cluster {
             async_nats::connection::State::Connected => Ok(link),
             _ => Err(unavailable("not connected to NATS")),
         }
+    }
+
+    /// Runs one request to NATS within `limit`, and gives it up at once if the connection goes
+    /// down meanwhile: its answer can no longer come, and the client should not wait for the
+    /// deadline to learn that.
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        request: impl Future<Output = T>,
+    ) -> Result<T, String> {
+        let mut up = self.up.subscribe();
+        let lost = async {
+            while up.changed().await.is_ok() {
+                if !*up.borrow() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            answer = timeout(limit, request) => {
+                answer.map_err(|_| format!("no answer within {} ms", limit.as_millis()))
+            }
+            () = lost => Err("the connection to NATS was lost".into()),
+        }
+    }
+
+    /// Every stream JetStream holds, page by page, stopping at the first error.
+    async fn streams(&self, link: &Link) -> Result<Vec<stream::Info>, String> {
+        let listing = async {
+            let mut streams = link.js.streams();
+            let mut infos = Vec::new();
+            while let Some(info) = streams.next().await {
+                infos.push(info.map_err(|e| e.to_string())?);
+            }
+            Ok(infos)
+        };
+        self.within(REQUEST_TIMEOUT * 4, listing).await?
     }
 
     /// Makes `name` of `epoch` the local topic of that name: creates it, or replaces an
@@ -413,7 +463,8 @@ impl Cluster {
         let link = self.link().map_err(|e| Lookup::Failed(e.message))?;
         let names = Names::of(name);
         let held = broker.topic(name);
-        match link.js.get_stream(&names.stream).await {
+        let found = self.within(REQUEST_TIMEOUT, link.js.get_stream(&names.stream));
+        match found.await.map_err(Lookup::Failed)? {
             Ok(stream) => Ok(self.adopt(broker, name, epoch_of(stream.cached_info()))),
             Err(e) => match e.kind() {
                 jetstream::context::GetStreamErrorKind::JetStream(err)
@@ -478,7 +529,11 @@ impl Cluster {
             }),
             ..Default::default()
         };
-        match link.js.create_stream(config).await {
+        let created = self.within(REQUEST_TIMEOUT, link.js.create_stream(config));
+        match created
+            .await
+            .map_err(|why| Creation::Failed(unavailable(why)))?
+        {
             Ok(stream) => Ok(self.adopt(broker, name, epoch_of(stream.cached_info()))),
             Err(e) => match e.kind() {
                 jetstream::context::CreateStreamErrorKind::JetStream(err)
@@ -495,7 +550,10 @@ impl Cluster {
         let link = self.link()?;
         let names = Names::of(name);
         let held = broker.topic(name);
-        let result = link.js.delete_stream(&names.stream).await;
+        let result = self
+            .within(REQUEST_TIMEOUT, link.js.delete_stream(&names.stream))
+            .await
+            .map_err(unavailable)?;
         let gone = match &result {
             Ok(_) => true,
             Err(e) => matches!(
@@ -541,13 +599,14 @@ impl Cluster {
         headers.insert("Nats-Msg-Id", message_id.as_str());
         let mut last_error = String::new();
         for _attempt in 0..2 {
-            let sent = timeout(PUBLISH_TIMEOUT, async {
-                link.js
-                    .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
-                    .await?
-                    .await
-            })
-            .await;
+            let sent = self
+                .within(PUBLISH_TIMEOUT, async {
+                    link.js
+                        .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
+                        .await?
+                        .await
+                })
+                .await;
             match sent {
                 Ok(Ok(ack)) => {
                     return Ok(Published {
@@ -565,7 +624,7 @@ impl Cluster {
                 Ok(Err(e)) if e.kind() == PublishErrorKind::TimedOut => {
                     last_error = e.to_string();
                 }
-                Err(_) => last_error = "no ack within the deadline".into(),
+                Err(why) => last_error = why,
                 // nats-server's `max_payload` (1 MiB unless configured) is below this
                 // broker's MAX_MESSAGE_BYTES.
                 Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -602,7 +661,9 @@ impl Cluster {
             Err(e) => return Err(e),
         };
         let names = Names::of(name);
-        let stream = timeout(REQUEST_TIMEOUT, link.js.get_stream(&names.stream)).await;
+        let stream = self
+            .within(REQUEST_TIMEOUT, link.js.get_stream(&names.stream))
+            .await;
         let info = match stream {
             Ok(Ok(stream)) => stream.cached_info().clone(),
             Ok(Err(_)) | Err(_) => {
@@ -669,27 +730,19 @@ impl Cluster {
             .iter()
             .map(|entry| Arc::clone(entry.value()))
             .collect();
-        let listed = timeout(REQUEST_TIMEOUT * 4, async {
-            link.js.streams().collect::<Vec<_>>().await
-        })
-        .await;
-        let Ok(listed) = listed else {
-            log!(broker, Level::Warn, "cluster: listing the topics timed out");
-            return;
+        let listed = match self.streams(link).await {
+            Ok(listed) => listed,
+            Err(why) => {
+                log!(
+                    broker,
+                    Level::Warn,
+                    "cluster: listing the topics failed: {why}"
+                );
+                return;
+            }
         };
         let mut seen = HashSet::new();
         for info in listed {
-            let info = match info {
-                Ok(info) => info,
-                Err(e) => {
-                    log!(
-                        broker,
-                        Level::Warn,
-                        "cluster: listing the topics failed: {e}"
-                    );
-                    return;
-                }
-            };
             if let Some(name) = Names::topic_of(&info.config.name) {
                 self.adopt(broker, &name, epoch_of(&info));
                 seen.insert(name);
@@ -709,14 +762,9 @@ impl Cluster {
     /// The topics JetStream holds, with this node's counts: `GET /topics` and `GET /stats`.
     async fn listing(&self, broker: &Broker) -> Result<Vec<(String, stream::State)>, Reject> {
         let link = self.link()?;
-        let listed = timeout(REQUEST_TIMEOUT * 4, async {
-            link.js.streams().collect::<Vec<_>>().await
-        })
-        .await
-        .map_err(|_| unavailable("listing the topics timed out"))?;
+        let listed = self.streams(link).await.map_err(unavailable)?;
         let mut topics = Vec::new();
         for info in listed {
-            let info = info.map_err(unavailable)?;
             if let Some(name) = Names::topic_of(&info.config.name) {
                 if broker
                     .topic(&name)
@@ -963,7 +1011,16 @@ impl Follower {
         loop {
             if stale {
                 match self.catch_up(&broker, cluster, link, &names).await {
-                    Ok(()) => stale = false,
+                    Ok(()) => {
+                        stale = false;
+                        log!(
+                            broker,
+                            Level::Debug,
+                            "cluster: '{}' caught up to seq {}",
+                            self.topic.name,
+                            self.next() - 1
+                        );
+                    }
                     Err(Stop::Gone) => return,
                     Err(Stop::Unreachable(why)) => {
                         log!(broker, Level::Warn, "cluster: '{}': {why}", self.topic.name);
@@ -983,7 +1040,7 @@ impl Follower {
                         continue;
                     }
                     if seq > self.next() {
-                        match self.fill(&broker, seq - 1).await {
+                        match self.fill(&broker, cluster, seq - 1).await {
                             Ok(()) => {}
                             Err(Stop::Gone) => return,
                             // This message is fetched with the gap, next time.
@@ -1017,7 +1074,10 @@ impl Follower {
         link: &Link,
         names: &Names,
     ) -> Result<(), Stop> {
-        let stream = match timeout(REQUEST_TIMEOUT, link.js.get_stream(&names.stream)).await {
+        let stream = match cluster
+            .within(REQUEST_TIMEOUT, link.js.get_stream(&names.stream))
+            .await
+        {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 if let jetstream::context::GetStreamErrorKind::JetStream(err) = e.kind()
@@ -1028,11 +1088,7 @@ impl Follower {
                 }
                 return Err(Stop::Unreachable(e.to_string()));
             }
-            Err(_) => {
-                return Err(Stop::Unreachable(
-                    "no stream info within the deadline".into(),
-                ));
-            }
+            Err(why) => return Err(Stop::Unreachable(why)),
         };
         let info = stream.cached_info();
         if epoch_of(info) != self.topic.epoch {
@@ -1041,12 +1097,12 @@ impl Follower {
         }
         let last = info.state.last_sequence;
         self.stream = Some(stream);
-        self.fill(broker, last).await
+        self.fill(broker, cluster, last).await
     }
 
     /// Fetches and admits every message up to `upto` that the local topic has not seen; what
     /// the stream no longer holds is skipped, and counted as dropped for the subscribers.
-    async fn fill(&mut self, broker: &Broker, upto: u64) -> Result<(), Stop> {
+    async fn fill(&mut self, broker: &Broker, cluster: &Cluster, upto: u64) -> Result<(), Stop> {
         let Some(stream) = self.stream.clone() else {
             return Err(Stop::Unreachable("the stream was not read yet".into()));
         };
@@ -1061,7 +1117,14 @@ impl Follower {
         let mut fetched = futures_util::stream::iter(from..=upto)
             .map(|seq| {
                 let stream = &stream;
-                async move { (seq, timeout(REQUEST_TIMEOUT, stream.direct_get(seq)).await) }
+                async move {
+                    (
+                        seq,
+                        cluster
+                            .within(REQUEST_TIMEOUT, stream.direct_get(seq))
+                            .await,
+                    )
+                }
             })
             .buffered(FETCH_AHEAD);
         while let Some((seq, got)) = fetched.next().await {
@@ -1071,7 +1134,7 @@ impl Follower {
                     self.skip_to(seq + 1);
                 }
                 Ok(Err(e)) => return Err(Stop::Unreachable(e.to_string())),
-                Err(_) => return Err(Stop::Unreachable("direct get timed out".into())),
+                Err(why) => return Err(Stop::Unreachable(why)),
             }
         }
         Ok(())
