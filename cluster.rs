@@ -235,8 +235,9 @@ pub(super) fn start(broker: &Arc<Broker>) {
         .connection_timeout(REQUEST_TIMEOUT)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .subscription_capacity(LIVE_BUFFER)
+        // The first attempt at once, then 0.1 s more per attempt, up to a second apart.
         .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((attempts as u64 * 100).min(1000))
+            Duration::from_millis((attempts.saturating_sub(1) as u64 * 100).min(1000))
         })
         .event_callback(move |event| {
             let (connected, up) = (connected.clone(), up.clone());

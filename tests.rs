@@ -4724,4 +4724,28 @@ mod cluster {
             "{ack}"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_create_and_sse_work_across_nodes() {
+        let Some(nats) = Nats::start("auto_create_and_sse_work_across_nodes") else {
+            return;
+        };
+        let a = node(&nats, &[("AUTO_CREATE", "true")]).await;
+        let b = node(&nats, &[("AUTO_CREATE", "true")]).await;
+        // An SSE subscriber on B to a topic no one created: B creates its stream.
+        let (mut sse, subscribed) = Sse::subscribe(b.addr, "/topics/auto/events", "").await;
+        let listed = http(a.addr, "GET", "/topics", None).await;
+        assert_eq!(listed.body["topics"][0]["name"], "auto", "{}", listed.body);
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("auto", json!("via A")).await, 1);
+        let event = sse.event().await;
+        assert_eq!(event["message"]["payload"], "via A");
+        let (_, ack) = joined(a.addr, "auto", json!({})).await;
+        assert_eq!(ack["epoch"], subscribed["epoch"]);
+        // Publishing to another unknown topic on A creates it for every node.
+        assert_eq!(publisher.publish("auto2", json!(1)).await, 1);
+        let (mut on_b, ack) = joined(b.addr, "auto2", json!({"last_n": 1})).await;
+        assert_eq!(ack["replayed"], 1, "{ack}");
+        assert_eq!(on_b.event().await["message"]["payload"], 1);
+    }
 }
