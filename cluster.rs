@@ -45,13 +45,19 @@ const FETCH_AHEAD: usize = 16;
 /// filled from the stream, so a burst costs time, not events).
 const LIVE_BUFFER: usize = 4096;
 
-/// Accepts `nats://host:port` or `host:port`; TLS is not built in (no crypto backend).
+/// Accepts `nats://host:port` or `host:port`. Neither TLS (no crypto backend) nor NATS over
+/// WebSocket is built in, so `tls://`, `ws://` and `wss://` are refused at start rather than
+/// retried forever.
 pub(super) fn check_url(url: &str) -> Result<(), String> {
     if url.is_empty() {
         return Ok(());
     }
-    if url.starts_with("tls://") || url.starts_with("wss://") {
-        return Err("TLS is not built in; use nats:// to a server on a trusted network".into());
+    if let Some((scheme, _)) = url.split_once("://")
+        && scheme != "nats"
+    {
+        return Err(format!(
+            "only nats:// is built in (no TLS, no WebSocket), not {scheme}://"
+        ));
     }
     url.parse::<async_nats::ServerAddr>()
         .map(|_| ())

@@ -4220,8 +4220,9 @@ mod cluster {
     fn a_nats_url_that_cannot_work_stops_the_server_with_status_2() {
         for url in [
             "tls://127.0.0.1:4222",
+            "ws://127.0.0.1:8080",
             "nats://127.0.0.1:notaport",
-            "http://x",
+            "x y",
         ] {
             let out = Command::new(env!("CARGO_BIN_EXE_pubsub"))
                 .env("NATS_URL", url)
