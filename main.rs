@@ -148,6 +148,8 @@ pub(crate) struct Config {
     /// Deadline for a whole request head, from the connection's start or the previous
     /// response. Not a setting: it exists so tests can shrink it.
     pub(crate) head_timeout: Duration,
+    /// The NATS server of cluster mode (feature `cluster`); `None` runs a single node.
+    pub(crate) nats_url: Option<String>,
 }
 
 /// One setting: its variable, its default, what it means, and how a value is applied. This
@@ -291,6 +293,25 @@ const SETTINGS: &[Setting] = &[
             Ok(())
         },
     },
+    // Listed in every build, so that a build without the feature refuses the setting instead
+    // of ignoring it and running a lone node where a cluster was asked for.
+    Setting {
+        name: "NATS_URL",
+        default: "",
+        meaning: "cluster mode: nats://host:port of a nats-server -js (build with --features cluster)",
+        apply: |c, v| {
+            c.nats_url = (!v.is_empty()).then(|| v.to_string());
+            #[cfg(feature = "cluster")]
+            cluster::check_url(v)?;
+            #[cfg(not(feature = "cluster"))]
+            if !v.is_empty() {
+                return Err(
+                    "this build has no cluster mode (cargo build --features cluster)".into(),
+                );
+            }
+            Ok(())
+        },
+    },
 ];
 
 /// A whole number within `min..=max`, digits only (`"+5".parse()` would accept a sign).
@@ -328,6 +349,7 @@ impl Default for Config {
             rate_limit: 0,
             rate_burst: 0,
             head_timeout: Duration::from_secs(10),
+            nats_url: None,
         };
         for setting in SETTINGS {
             // The defaults are constants, checked by a test; a bad one is a bug, not input.
@@ -409,6 +431,12 @@ macro_rules! log {
         }
     };
 }
+
+/// Cluster mode: topics, `seq` and history in NATS JetStream, shared by every node. Declared
+/// after `log!`, which it uses.
+#[cfg(feature = "cluster")]
+#[path = "cluster.rs"]
+mod cluster;
 
 // ---- main, run and the shutdown signal ----
 
@@ -512,6 +540,8 @@ impl Signals {
 pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let grace = config.shutdown_grace;
     let broker = Arc::new(Broker::new(config));
+    #[cfg(feature = "cluster")]
+    cluster::start(&broker);
     // `stop` carries the drain deadline to every connection; `alive` receivers are held by
     // connections so that `alive_tx.closed()` says when the last one is gone.
     let (stop_tx, stop_rx) = watch::channel(None::<Instant>);
@@ -761,7 +791,13 @@ impl Connection {
                 }
                 Err(BodyError::Closed) => return Next::Done,
             };
-            let answer = rest(&broker, &request, &buf[..body_len], ip);
+            let answer = match &broker.engine {
+                Engine::Local => rest(&broker, &request, &buf[..body_len], ip),
+                #[cfg(feature = "cluster")]
+                Engine::Cluster(c) => {
+                    Box::pin(c.rest(&broker, &request, &buf[..body_len], ip)).await
+                }
+            };
             // Idle is idle: the body's room goes back once it has been handled.
             buf.drain(..body_len);
             if buf.capacity() > 4096 {
@@ -917,6 +953,17 @@ pub(crate) struct Broker {
     started: Instant,
     /// Set when shutdown begins: REST answers 503 from then on.
     stopping: AtomicBool,
+    /// Where topics live and publishes get their `seq`.
+    engine: Engine,
+}
+
+/// Where topics live and publishes get their `seq`: here (`Topic::publish`), or in NATS
+/// JetStream, shared by every node of a cluster (cluster.rs). Only `Local` exists without
+/// the `cluster` feature, so matching on it costs the single-node path nothing.
+enum Engine {
+    Local,
+    #[cfg(feature = "cluster")]
+    Cluster(Box<cluster::Cluster>),
 }
 
 impl Broker {
@@ -939,6 +986,10 @@ impl Broker {
             rest_buckets: DashMap::new(),
             started: Instant::now(),
             stopping: AtomicBool::new(false),
+            #[cfg(not(feature = "cluster"))]
+            engine: Engine::Local,
+            #[cfg(feature = "cluster")]
+            engine: cluster::engine(&config),
             config,
         }
     }
@@ -3672,7 +3723,12 @@ impl Subscriptions {
             let message = format!("at most {max} subscriptions per connection");
             return Ok(Err(reject("LIMIT_EXCEEDED", message)));
         }
-        let topic = match self.broker.find_topic(name) {
+        let found = match &self.broker.engine {
+            Engine::Local => self.broker.find_topic(name),
+            #[cfg(feature = "cluster")]
+            Engine::Cluster(c) => Box::pin(c.follow(&self.broker, name)).await,
+        };
+        let topic = match found {
             Ok(topic) => topic,
             Err(e) => return Ok(Err(e)),
         };
@@ -4268,7 +4324,12 @@ impl Session {
             }
             Ok(ClientRequest::Publish { topic, id, payload }) => {
                 let broker = &self.subscriptions.broker;
-                match self.publisher.publish(broker, &topic, id, payload) {
+                let published = match &broker.engine {
+                    Engine::Local => self.publisher.publish(broker, &topic, id, payload),
+                    #[cfg(feature = "cluster")]
+                    Engine::Cluster(c) => Box::pin(c.publish(broker, &topic, id, payload)).await,
+                };
+                match published {
                     Ok(published) => self.writer.message("ack", published.ts, |json| {
                         json.request_id(request_id)
                             .plain("topic", &topic)

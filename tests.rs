@@ -4207,3 +4207,685 @@ async fn messages_still_arriving_are_counted_in_the_budget() {
     .await;
     assert_eq!(publisher.publish("p", json!(2)).await, 1);
 }
+
+#[cfg(not(feature = "cluster"))]
+#[test]
+fn nats_url_in_a_build_without_cluster_mode_stops_the_server_with_status_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+        .env("NATS_URL", "nats://127.0.0.1:4222")
+        .env("PORT", "0")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("NATS_URL"), "{text}");
+    assert!(text.contains("--features cluster"), "{text}");
+}
+
+// ---- cluster mode (feature `cluster`): two brokers on one nats-server ----
+
+#[cfg(feature = "cluster")]
+mod cluster {
+    //! Each test starts its own `nats-server -js` on a free loopback port with a store of its
+    //! own, and the real binary twice against it. Without `nats-server` they say so and pass.
+
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// `$NATS_SERVER` if set, else `nats-server` on PATH or in /usr/sbin (where Debian puts
+    /// it); `None` if that is not a file.
+    fn nats_binary() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("NATS_SERVER") {
+            return Some(PathBuf::from(path)).filter(|path| path.is_file());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    }
+
+    /// A port that was free a moment ago (nats-server cannot be told to pick one and say which).
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    /// One nats-server with JetStream, stopped and its store removed when the test ends.
+    struct Nats {
+        binary: PathBuf,
+        child: Option<std::process::Child>,
+        port: u16,
+        store: PathBuf,
+    }
+
+    impl Nats {
+        /// `None` (after saying why) when there is no nats-server to run.
+        fn start(test: &str) -> Option<Nats> {
+            let Some(binary) = nats_binary() else {
+                eprintln!("skipping {test}: nats-server not found (apt-get install nats-server)");
+                return None;
+            };
+            static STORES: AtomicUsize = AtomicUsize::new(0);
+            let n = STORES.fetch_add(1, Ordering::Relaxed);
+            let store = std::env::temp_dir().join(format!("pubsub-js-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&store);
+            let mut nats = Nats {
+                binary,
+                child: None,
+                port: free_port(),
+                store,
+            };
+            nats.run();
+            Some(nats)
+        }
+
+        fn url(&self) -> String {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+
+        /// Starts the server (again: same port, same store) and waits for "Server is ready".
+        fn run(&mut self) {
+            let mut child = Command::new(&self.binary)
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-sd",
+                ])
+                .arg(&self.store)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("Server is ready")
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+            self.child = Some(child);
+            rx.recv_timeout(DEADLINE).expect("nats-server is ready");
+        }
+
+        /// SIGTERM, and the wait for it to exit.
+        async fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                signal(&child, libc::SIGTERM);
+                exit_status(&mut child, DEADLINE).await;
+            }
+        }
+    }
+
+    impl Drop for Nats {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.store);
+        }
+    }
+
+    /// A broker of the cluster, once it has reached JetStream (`GET /topics` answers 200).
+    async fn node(nats: &Nats, envs: &[(&str, &str)]) -> Spawned {
+        let url = nats.url();
+        let mut all = vec![("NATS_URL", url.as_str()), ("LOG_LEVEL", "warn")];
+        all.extend_from_slice(envs);
+        let node = Spawned::start(&all);
+        let addr = node.addr;
+        eventually("the node reaches JetStream", || async move {
+            match http(addr, "GET", "/topics", None).await.status {
+                200 => Ok(()),
+                status => Err(format!("status {status}")),
+            }
+        })
+        .await;
+        node
+    }
+
+    #[test]
+    fn a_nats_url_that_cannot_work_stops_the_server_with_status_2() {
+        for url in [
+            "tls://127.0.0.1:4222",
+            "ws://127.0.0.1:8080",
+            "nats://127.0.0.1:notaport",
+            "x y",
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+                .env("NATS_URL", url)
+                .env("PORT", "0")
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{url}");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(text.contains("NATS_URL"), "{text}");
+        }
+    }
+
+    /// A subscribed client: the ack.
+    async fn joined(addr: SocketAddr, topic: &str, with: Value) -> (Client, Value) {
+        let mut client = Client::connect(addr).await;
+        let ack = client.subscribe_ack(topic, with).await;
+        (client, ack)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_on_one_node_reaches_the_other_with_the_same_seq() {
+        let Some(nats) = Nats::start("a_publish_on_one_node_reaches_the_other") else {
+            return;
+        };
+        let a = node(&nats, &[]).await;
+        let b = node(&nats, &[]).await;
+        create(a.addr, "orders.eu").await;
+        let (mut on_b, ack_b) = joined(b.addr, "orders.eu", json!({})).await;
+        let (mut on_a, ack_a) = joined(a.addr, "orders.eu", json!({})).await;
+        assert_eq!(ack_a["epoch"], ack_b["epoch"], "one epoch on every node");
+        let mut publisher = Client::connect(a.addr).await;
+        for i in 1..=3u64 {
+            assert_eq!(publisher.publish("orders.eu", json!({ "n": i })).await, i);
+        }
+        // Over REST on B too: the same numbering.
+        let body = r#"{"id":"from-b","payload":{"n":4}}"#;
+        let rest = http(b.addr, "POST", "/topics/orders.eu/messages", Some(body)).await;
+        assert_eq!(rest.status, 201, "{}", rest.body);
+        assert_eq!(rest.body["seq"], 4);
+        for i in 1..=4u64 {
+            let (x, y) = (on_a.event().await, on_b.event().await);
+            assert_eq!(seq(&x), i);
+            assert_eq!(x, y, "the same event on both nodes");
+            assert_eq!(x["message"]["payload"]["n"], i);
+        }
+        assert_eq!(rest.body["id"], "from-b");
+        // The longest name the contract allows, dots and all, is a stream too.
+        let long = format!("{}.{}", "a".repeat(63), "Z_-9".repeat(16));
+        create(b.addr, &long).await;
+        let (mut far, _) = joined(a.addr, &long, json!({})).await;
+        let rest = http(
+            b.addr,
+            "POST",
+            &format!("/topics/{long}/messages"),
+            Some(r#"{"payload":0}"#),
+        )
+        .await;
+        assert_eq!(rest.status, 201, "{}", rest.body);
+        assert_eq!(far.event().await["topic"], long.as_str());
+        let listed = http(a.addr, "GET", "/topics", None).await;
+        let names: Vec<&str> = listed.body["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [long.as_str(), "orders.eu"]);
+    }
+
+    /// Every event a subscriber gets until it has `n`, as `(seq, payload)`.
+    async fn take(client: &mut Client, n: usize) -> Vec<(u64, Value)> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let event = client.event().await;
+            got.push((seq(&event), event["message"]["payload"].clone()));
+        }
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishers_on_both_nodes_give_every_subscriber_one_order() {
+        const PUBLISHERS: u64 = 4;
+        const EACH: u64 = 50;
+        let Some(nats) = Nats::start("concurrent_publishers_on_both_nodes") else {
+            return;
+        };
+        let a = node(&nats, &[]).await;
+        let b = node(&nats, &[]).await;
+        create(b.addr, "t").await;
+        let mut subscribers = Vec::new();
+        for addr in [a.addr, a.addr, b.addr, b.addr] {
+            subscribers.push(joined(addr, "t", json!({})).await.0);
+        }
+        let mut publishers = Vec::new();
+        for p in 0..PUBLISHERS {
+            let addr = if p % 2 == 0 { a.addr } else { b.addr };
+            publishers.push(tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                let mut seqs = Vec::new();
+                for i in 0..EACH {
+                    seqs.push(client.publish("t", json!([p, i])).await);
+                }
+                seqs
+            }));
+        }
+        let mut acked = Vec::new();
+        for publisher in publishers {
+            let seqs = publisher.await.unwrap();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "one publisher's acks ascend"
+            );
+            acked.extend(seqs);
+        }
+        acked.sort_unstable();
+        let total = (PUBLISHERS * EACH) as usize;
+        assert_eq!(
+            acked,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "1..N, each once"
+        );
+        let mut orders = Vec::new();
+        for subscriber in &mut subscribers {
+            let got = take(subscriber, total).await;
+            let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
+            orders.push(got);
+        }
+        assert!(
+            orders.windows(2).all(|w| w[0] == w[1]),
+            "the same order on every subscriber"
+        );
+        // Each publisher's messages in the order it sent them.
+        for p in 0..PUBLISHERS {
+            let mine: Vec<u64> = orders[0]
+                .iter()
+                .filter(|(_, payload)| payload[0] == p)
+                .map(|(_, payload)| payload[1].as_u64().unwrap())
+                .collect();
+            assert_eq!(mine, (0..EACH).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn last_n_and_since_seq_with_missed_are_answered_from_any_node() {
+        let Some(nats) = Nats::start("last_n_and_since_seq_across_nodes") else {
+            return;
+        };
+        let a = node(&nats, &[("REPLAY_SIZE", "10")]).await;
+        let b = node(&nats, &[("REPLAY_SIZE", "10")]).await;
+        create(a.addr, "r").await;
+        let mut publisher = Client::connect(a.addr).await;
+        for i in 1..=15u64 {
+            assert_eq!(publisher.publish("r", json!(i)).await, i);
+        }
+        // B has never followed "r": it learns the window from the stream.
+        let mut late = Client::connect(b.addr).await;
+        let (ack, events) = resume(&mut late, "r", 2).await;
+        assert_eq!(ack["replayed"], 10, "{ack}");
+        assert_eq!(ack["missed"], 3, "3, 4 and 5 are gone: {ack}");
+        let seqs: Vec<u64> = events.iter().map(seq).collect();
+        assert_eq!(seqs, (6..=15).collect::<Vec<_>>());
+        assert_eq!(events[0]["message"]["payload"], 6);
+        let (ack_a, _) = resume(&mut Client::connect(a.addr).await, "r", 12).await;
+        assert_eq!(ack_a["replayed"], 3);
+        assert!(ack_a.get("missed").is_none(), "{ack_a}");
+        assert_eq!(ack_a["epoch"], ack["epoch"]);
+        // last_n on either node, right after a publish on the other.
+        assert_eq!(publisher.publish("r", json!(16)).await, 16);
+        let mut tail = Client::connect(b.addr).await;
+        let (ack, _) = tail
+            .request(json!({"type":"subscribe","topic":"r","last_n":3}))
+            .await;
+        assert_eq!(ack["replayed"], 3, "{ack}");
+        for want in 14..=16u64 {
+            let event = tail.event().await;
+            assert_eq!((seq(&event), &event["replay"]), (want, &json!(true)));
+        }
+        // Then live, from either node.
+        assert_eq!(publisher.publish("r", json!(17)).await, 17);
+        assert_eq!(seq(&tail.event().await), 17);
+        assert_eq!(seq(&late.event().await), 16);
+        assert_eq!(seq(&late.event().await), 17);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_and_recreating_a_topic_gives_a_new_epoch_on_every_node() {
+        let Some(nats) = Nats::start("deleting_and_recreating_a_topic") else {
+            return;
+        };
+        let a = node(&nats, &[]).await;
+        let b = node(&nats, &[]).await;
+        create(a.addr, "d").await;
+        let (mut on_b, first) = joined(b.addr, "d", json!({})).await;
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("d", json!(1)).await, 1);
+        assert_eq!(seq(&on_b.event().await), 1);
+        // A second create, from the other node, is refused: the topic exists.
+        let again = http(b.addr, "POST", "/topics", Some(r#"{"name":"d"}"#)).await;
+        assert_eq!(again.status, 409, "{}", again.body);
+        let deleted = http(a.addr, "DELETE", "/topics/d", None).await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        let notice = on_b.recv().await;
+        assert_eq!(
+            (&notice["msg"], &notice["topic"]),
+            (&json!("topic_deleted"), &json!("d"))
+        );
+        // Gone on every node at once: JetStream is asked, not a local copy.
+        let (refused, _) = on_b
+            .request(json!({"type":"publish","topic":"d","message":{"payload":0}}))
+            .await;
+        assert_eq!(refused["error"]["code"], "TOPIC_NOT_FOUND", "{refused}");
+        let listed = http(b.addr, "GET", "/topics", None).await;
+        assert_eq!(listed.body["topics"], json!([]));
+        create(b.addr, "d").await;
+        let second = on_b.subscribe_ack("d", json!({"since_seq": 1})).await;
+        assert_ne!(second["epoch"], first["epoch"], "a new incarnation");
+        assert_eq!(second["replayed"], 0);
+        let (on_a, again) = joined(a.addr, "d", json!({})).await;
+        assert_eq!(again["epoch"], second["epoch"]);
+        drop(on_a);
+        assert_eq!(
+            publisher.publish("d", json!("new")).await,
+            1,
+            "seq starts again at 1"
+        );
+        let event = on_b.event().await;
+        assert_eq!(
+            (seq(&event), &event["message"]["payload"]),
+            (1, &json!("new"))
+        );
+        let stats = http(b.addr, "GET", "/stats", None).await;
+        assert_eq!(stats.body["topics"]["d"]["messages"], 1, "{}", stats.body);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_subscriber_of_a_killed_node_resumes_on_another_without_a_gap() {
+        const TOTAL: u64 = 300;
+        let Some(nats) = Nats::start("a_subscriber_of_a_killed_node_resumes") else {
+            return;
+        };
+        let mut a = node(&nats, &[("REPLAY_SIZE", "1000")]).await;
+        let b = node(&nats, &[("REPLAY_SIZE", "1000")]).await;
+        create(b.addr, "k").await;
+        let (mut on_a, _) = joined(a.addr, "k", json!({})).await;
+        let b_addr = b.addr;
+        let publishing = tokio::spawn(async move {
+            let mut publisher = Client::connect(b_addr).await;
+            for i in 1..=TOTAL {
+                assert_eq!(publisher.publish("k", json!(i)).await, i);
+            }
+        });
+        // Read some, then A dies mid-stream; the client reads what reached it.
+        let mut last = 0;
+        while last < 50 {
+            last = seq(&on_a.event().await);
+        }
+        a.child.kill().unwrap();
+        let _ = a.child.wait();
+        loop {
+            match timeout(DEADLINE, on_a.ws.next()).await.expect("A's end") {
+                Some(Ok(Message::Text(text))) => {
+                    let event: Value = serde_json::from_str(&text).unwrap();
+                    if event["type"] == "event" {
+                        assert_eq!(seq(&event), last + 1);
+                        last += 1;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        let mut on_b = Client::connect(b.addr).await;
+        let (ack, replayed) = resume(&mut on_b, "k", last).await;
+        assert!(ack.get("missed").is_none(), "{ack}");
+        let mut next = last + 1;
+        for event in replayed {
+            assert_eq!(seq(&event), next);
+            next += 1;
+        }
+        while next <= TOTAL {
+            let event = on_b.event().await;
+            assert_eq!(seq(&event), next, "no gap, no duplicate");
+            assert!(event.get("replay").is_none());
+            next += 1;
+        }
+        publishing.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nats_outage_refuses_publishes_explicitly_then_the_nodes_catch_up() {
+        let Some(mut nats) = Nats::start("a_nats_outage") else {
+            return;
+        };
+        let a = node(&nats, &[]).await;
+        let b = node(&nats, &[]).await;
+        create(a.addr, "o").await;
+        create(a.addr, "unfollowed").await;
+        let (mut on_b, _) = joined(b.addr, "o", json!({})).await;
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("o", json!(1)).await, 1);
+        assert_eq!(seq(&on_b.event().await), 1);
+        nats.stop().await;
+        topics_answer(b.addr, 503).await;
+        // A topic B follows is served from B's ring; one it does not cannot be.
+        let mut during = Client::connect(b.addr).await;
+        let (ack, replayed) = resume(&mut during, "o", 0).await;
+        assert_eq!(
+            (&ack["replayed"], seq(&replayed[0])),
+            (&json!(1), 1),
+            "{ack}"
+        );
+        let (refused, _) = during
+            .request(json!({"type":"subscribe","topic":"unfollowed"}))
+            .await;
+        assert_eq!(refused["error"]["code"], "INTERNAL", "{refused}");
+        // Refused explicitly, over WebSocket and REST; the sockets stay open.
+        let (refused, _) = publisher
+            .request(json!({"type":"publish","topic":"o","message":{"payload":2}}))
+            .await;
+        assert_eq!(refused["error"]["code"], "INTERNAL", "{refused}");
+        let rest = http(
+            a.addr,
+            "POST",
+            "/topics/o/messages",
+            Some(r#"{"payload":2}"#),
+        )
+        .await;
+        assert_eq!(rest.status, 503, "{}", rest.body);
+        assert_eq!(rest.body["error"]["code"], "INTERNAL");
+        let (pong, _) = on_b.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        nats.run();
+        // Back: publishes are accepted again, numbered after what the stream kept.
+        let addr = a.addr;
+        eventually("publishes accepted again", || async move {
+            let rest = http(
+                addr,
+                "POST",
+                "/topics/o/messages",
+                Some(r#"{"payload":"back"}"#),
+            )
+            .await;
+            match rest.status {
+                201 => Ok(()),
+                status => Err(format!("{status} {}", rest.body)),
+            }
+        })
+        .await;
+        let seq_back = {
+            let event = on_b.event().await;
+            assert_eq!(event["message"]["payload"], "back", "{event}");
+            seq(&event)
+        };
+        assert_eq!(seq_back, 2, "nothing refused was stored");
+        assert_eq!(publisher.publish("o", json!(3)).await, 3);
+        assert_eq!(seq(&on_b.event().await), 3);
+        // A subscriber that joins after the outage gets the whole history, from either node.
+        let (ack, events) = resume(&mut Client::connect(b.addr).await, "o", 0).await;
+        assert_eq!(ack["replayed"], 3, "{ack}");
+        assert_eq!(events.iter().map(seq).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// A TCP proxy in front of nats-server that a test can cut and restore, so that one node
+    /// loses NATS while the others keep it.
+    struct Cut {
+        port: u16,
+        open: Arc<std::sync::atomic::AtomicBool>,
+        links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+        accepting: tokio::task::JoinHandle<()>,
+    }
+
+    impl Cut {
+        async fn start(nats: &Nats) -> Cut {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let target = nats.port;
+            let (open2, links2) = (Arc::clone(&open), Arc::clone(&links));
+            let accepting = tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open2.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        continue;
+                    };
+                    let link = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                    links2.lock().unwrap().push(link);
+                }
+            });
+            Cut {
+                port,
+                open,
+                links,
+                accepting,
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+
+        fn cut(&self) {
+            self.open.store(false, Ordering::SeqCst);
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+
+        fn restore(&self) {
+            self.open.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Cut {
+        fn drop(&mut self) {
+            self.accepting.abort();
+            self.cut();
+        }
+    }
+
+    /// Waits until `addr` answers `GET /topics` with `status` (200 connected, 503 not).
+    async fn topics_answer(addr: SocketAddr, want: u16) {
+        eventually("GET /topics status", || async move {
+            match http(addr, "GET", "/topics", None).await.status {
+                status if status == want => Ok(()),
+                status => Err(format!("status {status}")),
+            }
+        })
+        .await;
+    }
+
+    /// Reads until the event with `seq` last arrives: the seqs of the events, and the
+    /// `dropped` counts of the slow-consumer notices among them.
+    async fn until_seq(client: &mut Client, last: u64) -> (Vec<u64>, u64) {
+        let (mut seqs, mut dropped) = (Vec::new(), 0);
+        while seqs.last() != Some(&last) {
+            let message = client.recv().await;
+            match message["type"].as_str() {
+                Some("event") => seqs.push(seq(&message)),
+                Some("error") if message["error"]["code"] == "SLOW_CONSUMER" => {
+                    dropped += message["dropped"].as_u64().unwrap();
+                }
+                _ => panic!("unexpected {message}"),
+            }
+        }
+        (seqs, dropped)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_cut_off_from_nats_catches_up_and_reports_what_the_stream_no_longer_holds() {
+        let Some(nats) = Nats::start("a_node_cut_off_from_nats") else {
+            return;
+        };
+        let cut = Cut::start(&nats).await;
+        let a = node(&nats, &[("REPLAY_SIZE", "5")]).await;
+        let b = {
+            let url = cut.url();
+            let b = Spawned::start(&[
+                ("NATS_URL", &url),
+                ("LOG_LEVEL", "warn"),
+                ("REPLAY_SIZE", "5"),
+            ]);
+            topics_answer(b.addr, 200).await;
+            b
+        };
+        create(a.addr, "c").await;
+        let (mut on_b, _) = joined(b.addr, "c", json!({})).await;
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("c", json!(1)).await, 1);
+        assert_eq!(seq(&on_b.event().await), 1);
+        // B loses NATS while A publishes three: on reconnect it fetches them, in order.
+        cut.cut();
+        topics_answer(b.addr, 503).await;
+        for i in 2..=4 {
+            assert_eq!(publisher.publish("c", json!(i)).await, i);
+        }
+        let (pong, _) = on_b.request(json!({"type":"ping"})).await;
+        assert_eq!(pong["type"], "pong", "B's clients stay connected");
+        cut.restore();
+        assert_eq!(until_seq(&mut on_b, 4).await, (vec![2, 3, 4], 0));
+        // Ten more while it is cut off: the stream keeps the last five (10..=14); the five
+        // before are told as dropped, and the rest arrive in order.
+        cut.cut();
+        topics_answer(b.addr, 503).await;
+        for i in 5..=14 {
+            assert_eq!(publisher.publish("c", json!(i)).await, i);
+        }
+        cut.restore();
+        assert_eq!(until_seq(&mut on_b, 14).await, ((10..=14).collect(), 5));
+        let (ack, _) = resume(&mut Client::connect(b.addr).await, "c", 4).await;
+        assert_eq!(
+            (&ack["replayed"], &ack["missed"]),
+            (&json!(5), &json!(5)),
+            "{ack}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_create_and_sse_work_across_nodes() {
+        let Some(nats) = Nats::start("auto_create_and_sse_work_across_nodes") else {
+            return;
+        };
+        let a = node(&nats, &[("AUTO_CREATE", "true")]).await;
+        let b = node(&nats, &[("AUTO_CREATE", "true")]).await;
+        // An SSE subscriber on B to a topic no one created: B creates its stream.
+        let (mut sse, subscribed) = Sse::subscribe(b.addr, "/topics/auto/events", "").await;
+        let listed = http(a.addr, "GET", "/topics", None).await;
+        assert_eq!(listed.body["topics"][0]["name"], "auto", "{}", listed.body);
+        let mut publisher = Client::connect(a.addr).await;
+        assert_eq!(publisher.publish("auto", json!("via A")).await, 1);
+        let event = sse.event().await;
+        assert_eq!(event["message"]["payload"], "via A");
+        let (_, ack) = joined(a.addr, "auto", json!({})).await;
+        assert_eq!(ack["epoch"], subscribed["epoch"]);
+        // Publishing to another unknown topic on A creates it for every node.
+        assert_eq!(publisher.publish("auto2", json!(1)).await, 1);
+        let (mut on_b, ack) = joined(b.addr, "auto2", json!({"last_n": 1})).await;
+        assert_eq!(ack["replayed"], 1, "{ack}");
+        assert_eq!(on_b.event().await["message"]["payload"], 1);
+    }
+}
