@@ -3999,11 +3999,9 @@ struct WsWriter {
     ws: Ws,
     /// Encoded frames not yet written to the socket.
     out: Vec<u8>,
-    /// Reused to build replies.
-    scratch: Vec<u8>,
     /// How long one write may wait for the socket before the peer is given up on.
     stall: Duration,
-    /// The budget's share of `out` and `scratch`.
+    /// The budget's share of `out`.
     charged: Charged,
 }
 
@@ -4014,7 +4012,6 @@ impl WsWriter {
         if self.out.is_empty() {
             self.out = Vec::new();
         }
-        self.scratch = Vec::new();
         self.charged.track(self.out.capacity());
     }
 
@@ -4028,13 +4025,19 @@ impl WsWriter {
         }
     }
 
-    /// Appends a server message: `{"type":"<kind>"`, what `build` adds, then `ts`.
+    /// Appends a server message: `{"type":"<kind>"`, what `build` adds, then `ts`. Written
+    /// in place behind room for a short frame header; the rare message of 126 bytes or more
+    /// moves over for a longer one.
     fn message(&mut self, kind: &str, ts: Timestamp, build: impl FnOnce(Json<'_>) -> Json<'_>) {
-        let mut text = std::mem::take(&mut self.scratch);
-        text.clear();
-        build(Json::message(&mut text, kind)).ts(ts).end();
-        self.frame(OPCODE_TEXT, &[&text]);
-        self.scratch = text;
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0; 2]);
+        build(Json::message(&mut self.out, kind)).ts(ts).end();
+        let (header, header_len) = frame_header(OPCODE_TEXT, self.out.len() - start - 2);
+        if header_len > 2 {
+            let room = std::iter::repeat_n(0, header_len - 2);
+            self.out.splice(start + 2..start + 2, room);
+        }
+        self.out[start..start + header_len].copy_from_slice(&header[..header_len]);
     }
 
     fn error(&mut self, request_id: Option<&str>, e: Reject) {
@@ -4083,8 +4086,7 @@ impl Writer for WsWriter {
             }
             Ok::<(), std::io::Error>(())
         };
-        self.charged
-            .track(self.out.capacity() + self.scratch.capacity());
+        self.charged.track(self.out.capacity());
         match timeout(self.stall, write).await {
             Ok(result) => result?,
             Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
@@ -4093,8 +4095,7 @@ impl Writer for WsWriter {
         if self.out.capacity() > 2 * OUT_CHUNK {
             self.out.shrink_to(OUT_CHUNK);
         }
-        self.charged
-            .track(self.out.capacity() + self.scratch.capacity());
+        self.charged.track(self.out.capacity());
         Ok(())
     }
 }
@@ -4126,7 +4127,6 @@ impl Session {
         let writer = WsWriter {
             ws,
             out: Vec::new(),
-            scratch: Vec::new(),
             stall: write_deadline(&broker.config),
             charged: Charged::new(&broker.budget, 0),
         };

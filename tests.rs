@@ -691,8 +691,10 @@ async fn websocket_errors_follow_the_contract() {
         let (reply, _) = client.request(case.clone()).await;
         assert_eq!(reply["error"]["code"], "TOPIC_NOT_FOUND", "{case}");
     }
-    // request_id of any JSON type is echoed verbatim.
-    for id in [json!(null), json!(42), json!({"a":[1,2]})] {
+    // request_id of any JSON type is echoed verbatim, and a long one makes a longer frame
+    // header (2, then 4 bytes).
+    let long = [json!("r".repeat(300)), json!("r".repeat(30_000))];
+    for id in [json!(null), json!(42), json!({"a":[1,2]})].into_iter().chain(long) {
         client.send(json!({"type":"ping","request_id":id})).await;
         let pong = client.recv().await;
         assert_eq!(pong["type"], "pong");
