@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- --scenario NAME [--target ours|nats] [--url URL]
-//!     [--duration S] [--warmup S] [--rate MSGS_PER_S] [--subscribers N] [--window N]
+//!     [--sub-url URL] [--duration S] [--warmup S] [--rate MSGS_PER_S] [--subscribers N] [--window N]
 //!     [--payload BYTES] [--server-pid PID] [--runs N] [--check]
 //! cargo run --release --example bench -- --list
 //! ```
@@ -26,6 +26,9 @@
 //!   close until it has closed the last of them (its open descriptors, from /proc, are back to
 //!   what they were before the 10,000 came), and the latency of the other topic's messages sent
 //!   in that window, against before it. `--warmup` is the steady time before the disconnect.
+//! - `cluster`: 10 publishers as fast as the window allows, 100 subscribers, one topic; meant
+//!   for cluster mode, with the publishers on one node (`--url`) and the subscribers on another
+//!   (`--sub-url`). Against a single node or nats-server it is the same shape in one place.
 //!
 //! `--subscribers` overrides the scenario's subscriber count (a quick smoke of `connections`),
 //! `--rate` its per-publisher rate. `--check` exits 1 unless every run had no order violation,
@@ -121,7 +124,7 @@ struct Scenario {
     sse: bool,
 }
 
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 15] = [
     "light",
     "medium",
     "heavy",
@@ -136,6 +139,7 @@ const SCENARIOS: [&str; 14] = [
     "topics",
     "connections",
     "mass-disconnect",
+    "cluster",
 ];
 
 /// The Python service's load levels: every publisher at 100 msg/s, every subscriber on 2 topics.
@@ -219,6 +223,13 @@ fn scenario(name: &str) -> Option<Scenario> {
             duration: 0.0,
             ..unpaced
         },
+        // Cluster mode: publishers on one node (`--url`), subscribers on another
+        // (`--sub-url`). Ten publishers, because a cluster node carries out one connection's
+        // publishes one JetStream round trip at a time.
+        "cluster" => Scenario {
+            publishers: 10,
+            ..unpaced
+        },
         _ => unreachable!("every name in SCENARIOS has its shape"),
     })
 }
@@ -257,6 +268,9 @@ struct Options {
     target: Target,
     host: String,
     port: u16,
+    /// Where subscribers connect: `--sub-url`, or the same as publishers.
+    sub_host: String,
+    sub_port: u16,
     warmup: f64,
     window: usize,
     payload: usize,
@@ -267,11 +281,11 @@ struct Options {
 
 const USAGE: &str =
     "usage: bench --scenario NAME [--target ours|nats] [--url ws://127.0.0.1:8000/ws] \
-[--duration S] [--warmup S] [--rate MSGS_PER_S] [--subscribers N] [--window N] [--payload BYTES] \
+[--sub-url URL] [--duration S] [--warmup S] [--rate MSGS_PER_S] [--subscribers N] [--window N] [--payload BYTES] \
 [--server-pid PID] [--runs N] [--check]
        bench --list
 scenarios: light medium heavy extreme latency-10x latency-50x latency-100x fanout sse-fanout \
-fanout-1k fanin topics connections mass-disconnect";
+fanout-1k fanin topics connections mass-disconnect cluster";
 
 /// The flags as given; `None` where the scenario's or the target's default applies.
 #[derive(Default)]
@@ -279,6 +293,7 @@ struct Flags {
     scenario: Option<Scenario>,
     target: Option<Target>,
     url: Option<String>,
+    sub_url: Option<String>,
     duration: Option<f64>,
     warmup: Option<f64>,
     rate: Option<f64>,
@@ -310,6 +325,7 @@ fn parse_flags() -> Result<Option<Flags>, String> {
                 })
             }
             "--url" => f.url = Some(value()?),
+            "--sub-url" => f.sub_url = Some(value()?),
             "--duration" => f.duration = Some(number(value()?)?),
             "--warmup" => f.warmup = Some(number(value()?)?),
             "--rate" => f.rate = Some(number(value()?)?).filter(|r| *r > 0.0),
@@ -354,17 +370,18 @@ fn parse_options() -> Result<Option<Options>, String> {
         Target::Nats => "ws://127.0.0.1:9222/",
     };
     let url = f.url.unwrap_or_else(|| default_url.to_string());
-    let authority = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
-        .ok_or("the url must be ws://host:port/...")?;
-    let (host, port) = authority.rsplit_once(':').ok_or("the url needs a port")?;
-    let port = port.parse().map_err(|_| "bad port in url")?;
+    let (host, port) = host_port(&url)?;
+    let (sub_host, sub_port) = match &f.sub_url {
+        Some(sub_url) => host_port(sub_url)?,
+        None => (host.clone(), port),
+    };
     Ok(Some(Options {
         scenario,
         target,
-        host: host.to_string(),
+        host,
         port,
+        sub_host,
+        sub_port,
         warmup,
         window: f.window.unwrap_or(256).max(2),
         payload: f.payload.unwrap_or(100).max(64),
@@ -372,6 +389,16 @@ fn parse_options() -> Result<Option<Options>, String> {
         runs: f.runs.unwrap_or(1).max(1),
         check: f.check,
     }))
+}
+
+fn host_port(url: &str) -> Result<(String, u16), String> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or("the url must be ws://host:port/...")?;
+    let (host, port) = authority.rsplit_once(':').ok_or("the url needs a port")?;
+    let port = port.parse().map_err(|_| "bad port in url")?;
+    Ok((host.to_string(), port))
 }
 
 // ---- a minimal WebSocket client ----
@@ -1163,7 +1190,7 @@ async fn open_subscriber(opts: &Options, topics: &[usize]) -> io::Result<Subscri
 /// subscribers wait for their acks.
 async fn open_sse_subscriber(opts: &Options, topic: usize) -> io::Result<Sse> {
     let path = format!("/topics/{}/events", topic_name(topic));
-    let mut sse = Sse::connect(&opts.host, opts.port, &path).await?;
+    let mut sse = Sse::connect(&opts.sub_host, opts.sub_port, &path).await?;
     loop {
         while let Some(record) = sse.record() {
             if record.kind == SseKind::Subscribed {
@@ -1176,7 +1203,7 @@ async fn open_sse_subscriber(opts: &Options, topic: usize) -> io::Result<Sse> {
 
 /// Subscribes to `topics` and waits for every ack.
 async fn subscribe_ours(opts: &Options, topics: &[usize]) -> io::Result<Ws> {
-    let mut ws = Ws::connect(&opts.host, opts.port, "/ws").await?;
+    let mut ws = Ws::connect(&opts.sub_host, opts.sub_port, "/ws").await?;
     for t in topics {
         let msg = format!(r#"{{"type":"subscribe","topic":"{}"}}"#, topic_name(*t));
         ws.queue(OP_TEXT, msg.as_bytes());
