@@ -818,53 +818,25 @@ impl Cluster {
     }
 
     async fn create_topic(&self, broker: &Broker, body: &[u8]) -> Response {
-        #[derive(Deserialize)]
-        struct Create {
-            name: serde_json::Value,
-        }
-        let name = match serde_json::from_slice::<Create>(body) {
-            Ok(Create {
-                name: serde_json::Value::String(name),
-            }) => name,
-            Ok(_) => return bad_request("\"name\" must be a string"),
-            Err(e) => return bad_request(&format!("body must be {{\"name\":\"...\"}}: {e}")),
+        let name = match new_topic_name(body) {
+            Ok(name) => name,
+            Err(response) => return response,
         };
-        if let Err(why) = check_topic_name(&name) {
-            return bad_request(&why);
-        }
         match self.create(broker, &name).await {
-            Ok(_) => Response::json(201, |json| {
-                json.plain("status", "created").plain("topic", &name).end()
-            }),
-            Err(Creation::Exists) => {
-                let message = format!("topic '{name}' already exists");
-                Response::error(409, "TOPIC_EXISTS", &message)
-            }
+            Ok(_) => topic_created(&name),
+            Err(Creation::Exists) => topic_exists(&name),
             Err(Creation::Full) => Response::reject(too_many_topics(broker.config.max_topics)),
             Err(Creation::Failed(e)) => Response::reject(e),
         }
     }
 
     async fn publish_message(&self, broker: &Broker, name: &str, body: &[u8]) -> Response {
-        if let Err(why) = check_topic_name(name) {
-            return bad_request(&why);
-        }
-        let decoded = std::str::from_utf8(body)
-            .map_err(|_| reject("BAD_REQUEST", "the body is not UTF-8"))
-            .and_then(decode_message);
-        let (id, payload) = match decoded {
+        let (id, payload) = match publish_body(name, body) {
             Ok(message) => message,
-            Err(e) => return Response::reject(e),
+            Err(response) => return response,
         };
         match self.publish(broker, name, id, payload).await {
-            Ok(published) => Response::json(201, |json| {
-                json.plain("status", "ok")
-                    .plain("topic", name)
-                    .id("id", published.id)
-                    .num("seq", published.seq)
-                    .ts(published.ts)
-                    .end()
-            }),
+            Ok(published) => message_published(name, &published),
             Err(e) => Response::reject(e),
         }
     }

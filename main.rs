@@ -2353,6 +2353,19 @@ fn rest(broker: &Broker, request: &Request, body: &[u8], ip: IpAddr) -> Answer {
 }
 
 fn create_topic(broker: &Broker, body: &[u8]) -> Response {
+    let name = match new_topic_name(body) {
+        Ok(name) => name,
+        Err(response) => return response,
+    };
+    match broker.create_topic(&name) {
+        Ok(_) => topic_created(&name),
+        Err(Created::Exists(_)) => topic_exists(&name),
+        Err(Created::Full) => Response::reject(too_many_topics(broker.config.max_topics)),
+    }
+}
+
+/// The `name` of a `POST /topics` body, checked.
+fn new_topic_name(body: &[u8]) -> Result<String, Response> {
     #[derive(Deserialize)]
     struct Create {
         name: serde_json::Value,
@@ -2361,22 +2374,26 @@ fn create_topic(broker: &Broker, body: &[u8]) -> Response {
         Ok(Create {
             name: serde_json::Value::String(name),
         }) => name,
-        Ok(_) => return bad_request("\"name\" must be a string"),
-        Err(e) => return bad_request(&format!("body must be {{\"name\":\"...\"}}: {e}")),
-    };
-    if let Err(why) = check_topic_name(&name) {
-        return bad_request(&why);
-    }
-    match broker.create_topic(&name) {
-        Ok(_) => Response::json(201, |json| {
-            json.plain("status", "created").plain("topic", &name).end()
-        }),
-        Err(Created::Exists(_)) => {
-            let message = format!("topic '{name}' already exists");
-            Response::error(409, "TOPIC_EXISTS", &message)
+        Ok(_) => return Err(bad_request("\"name\" must be a string")),
+        Err(e) => {
+            return Err(bad_request(&format!(
+                "body must be {{\"name\":\"...\"}}: {e}"
+            )));
         }
-        Err(Created::Full) => Response::reject(too_many_topics(broker.config.max_topics)),
-    }
+    };
+    check_topic_name(&name).map_err(|why| bad_request(&why))?;
+    Ok(name)
+}
+
+fn topic_created(name: &str) -> Response {
+    Response::json(201, |json| {
+        json.plain("status", "created").plain("topic", name).end()
+    })
+}
+
+fn topic_exists(name: &str) -> Response {
+    let message = format!("topic '{name}' already exists");
+    Response::error(409, "TOPIC_EXISTS", &message)
 }
 
 fn delete_topic(broker: &Broker, name: &str) -> Response {
@@ -2395,28 +2412,35 @@ fn delete_topic(broker: &Broker, name: &str) -> Response {
 /// `POST /topics/{name}/messages`: the body is the `message` object of a WebSocket publish,
 /// and the event is the same, byte for byte.
 fn publish_message(broker: &Broker, name: &str, body: &[u8]) -> Response {
-    if let Err(why) = check_topic_name(name) {
-        return bad_request(&why);
-    }
-    let decoded = std::str::from_utf8(body)
-        .map_err(|_| reject("BAD_REQUEST", "the body is not UTF-8"))
-        .and_then(decode_message);
-    let (id, payload) = match decoded {
+    let (id, payload) = match publish_body(name, body) {
         Ok(message) => message,
-        Err(e) => return Response::reject(e),
+        Err(response) => return response,
     };
     let connection = broker.next_id.fetch_add(1, Ordering::Relaxed);
     match Publisher::new(connection).publish(broker, name, id, payload) {
-        Ok(published) => Response::json(201, |json| {
-            json.plain("status", "ok")
-                .plain("topic", name)
-                .id("id", published.id)
-                .num("seq", published.seq)
-                .ts(published.ts)
-                .end()
-        }),
+        Ok(published) => message_published(name, &published),
         Err(e) => Response::reject(e),
     }
+}
+
+/// The topic name and body of a REST publish, checked: the message's raw `id` and `payload`.
+fn publish_body<'b>(name: &str, body: &'b [u8]) -> Result<(Option<&'b str>, &'b str), Response> {
+    check_topic_name(name).map_err(|why| bad_request(&why))?;
+    std::str::from_utf8(body)
+        .map_err(|_| reject("BAD_REQUEST", "the body is not UTF-8"))
+        .and_then(decode_message)
+        .map_err(Response::reject)
+}
+
+fn message_published(name: &str, published: &Published) -> Response {
+    Response::json(201, |json| {
+        json.plain("status", "ok")
+            .plain("topic", name)
+            .id("id", published.id)
+            .num("seq", published.seq)
+            .ts(published.ts)
+            .end()
+    })
 }
 
 /// The replay an SSE subscriber asks for: `?last_n=N`, `?since_seq=N`, or `Last-Event-ID: N`.

@@ -694,7 +694,10 @@ async fn websocket_errors_follow_the_contract() {
     // request_id of any JSON type is echoed verbatim, and a long one makes a longer frame
     // header (2, then 4 bytes).
     let long = [json!("r".repeat(300)), json!("r".repeat(30_000))];
-    for id in [json!(null), json!(42), json!({"a":[1,2]})].into_iter().chain(long) {
+    for id in [json!(null), json!(42), json!({"a":[1,2]})]
+        .into_iter()
+        .chain(long)
+    {
         client.send(json!({"type":"ping","request_id":id})).await;
         let pong = client.recv().await;
         assert_eq!(pong["type"], "pong");
@@ -1047,6 +1050,27 @@ fn the_binary_exits_2_on_bad_configuration_and_documents_its_flags() {
 
 // ---- 9. graceful shutdown of the real binary ----
 
+/// Drains `child`'s stderr on a thread (so a full pipe never stalls it), and sends the first
+/// thing `wanted` finds in a line.
+fn first_stderr_line<T: Send + 'static>(
+    child: &mut std::process::Child,
+    wanted: impl Fn(&str) -> Option<T> + Send + 'static,
+) -> std::sync::mpsc::Receiver<T> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(found) = wanted(&line)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(found);
+            }
+        }
+    });
+    rx
+}
+
 /// The real binary on port 0; returns the child and the address from its startup line.
 /// Its stderr is drained on a thread so a full pipe can never stall it.
 fn spawn_binary(envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
@@ -1058,23 +1082,9 @@ fn spawn_binary(envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let addr = addr
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse::<SocketAddr>()
-                    .unwrap();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-        }
+    let rx = first_stderr_line(&mut child, |line| {
+        let addr = line.split("listening on ").nth(1)?;
+        addr.split_whitespace().next()?.parse::<SocketAddr>().ok()
     });
     match rx.recv_timeout(DEADLINE) {
         Ok(addr) => (child, addr),
@@ -4305,17 +4315,8 @@ mod cluster {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("Server is ready")
-                        && let Some(tx) = tx.take()
-                    {
-                        let _ = tx.send(());
-                    }
-                }
+            let rx = first_stderr_line(&mut child, |line| {
+                line.contains("Server is ready").then_some(())
             });
             self.child = Some(child);
             rx.recv_timeout(DEADLINE).expect("nats-server is ready");
