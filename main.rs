@@ -707,15 +707,26 @@ impl Connection {
         let next = Box::pin(self.exchange(stream, ip, over)).await;
         match next {
             Next::Upgrade(connection, stream, request, leftover) => {
-                let ws = Box::pin(connection.handshake(stream, request, leftover)).await;
                 let Connection {
                     broker,
                     stop,
                     _alive,
                 } = connection;
-                if let Some(ws) = ws {
-                    Session::new(broker, stop, ws).run().await;
-                }
+                // The session's future is made in a plain function, from the handshake's
+                // result: a `Ws` or `Session` named here would keep its room in the task
+                // beside the future it moved into.
+                let session = match Box::pin(Self::handshake(
+                    Arc::clone(&broker),
+                    stream,
+                    request,
+                    leftover,
+                ))
+                .await
+                {
+                    Some(ws) => Session::start(broker, stop, ws),
+                    None => return,
+                };
+                session.await;
             }
             Next::Events(connection, stream, name, replay) => {
                 Box::pin(SseStream::serve(connection, stream, name, replay)).await
@@ -852,7 +863,7 @@ impl Connection {
     /// Completes the WebSocket handshake ourselves (the head is already parsed): the stream,
     /// with any bytes read past the head, ready for a session.
     async fn handshake(
-        &self,
+        broker: Arc<Broker>,
         mut stream: TcpStream,
         request: Request,
         leftover: Vec<u8>,
@@ -884,7 +895,7 @@ impl Connection {
         if !matches!(written, Ok(Ok(()))) {
             return None;
         }
-        let limit = self.broker.config.max_message_bytes;
+        let limit = broker.config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER)
             .write_buffer_size(WS_WRITE_BUFFER)
@@ -894,7 +905,7 @@ impl Connection {
         // The bytes read past the head, in a buffer of their own (usually none): the head's
         // 1 KiB buffer would otherwise become tungstenite's for the connection's life.
         let ws = WebSocketStream::from_partially_read(
-            ReadAhead::new(stream, &self.broker.budget),
+            ReadAhead::new(stream, &broker.budget),
             leftover.as_slice().to_vec(),
             Role::Server,
             Some(ws_config),
@@ -4147,6 +4158,14 @@ enum Woke {
 }
 
 impl Session {
+    fn start(
+        broker: Arc<Broker>,
+        stop: watch::Receiver<Option<Instant>>,
+        ws: Ws,
+    ) -> impl Future<Output = ()> + Send {
+        Session::new(broker, stop, ws).run()
+    }
+
     fn new(broker: Arc<Broker>, stop: watch::Receiver<Option<Instant>>, ws: Ws) -> Session {
         let writer = WsWriter {
             ws,
@@ -4170,16 +4189,22 @@ impl Session {
     }
 
     async fn run(mut self) {
-        let End::Error(e) = self.serve().await else {
-            return;
-        };
+        let end = self.serve().await;
+        if let End::Error(e) = end {
+            // Boxed: the closing states stay out of every connection's task.
+            Box::pin(self.fail(e)).await;
+        }
+    }
+
+    /// A session that ended on an error: Close with the contract's code where tungstenite
+    /// sends none (1009, 1007, 1002), within a second, then a lingering close.
+    async fn fail(&mut self, e: WsError) {
         log!(
             self.subscriptions.broker,
             Level::Debug,
             "connection {}: {e}",
             self.subscriptions.id
         );
-        // tungstenite sends no Close frame for these; the contract wants one.
         let code = match e {
             WsError::Capacity(_) => CloseCode::Size,
             WsError::Utf8(_) => CloseCode::Invalid,
