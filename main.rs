@@ -3566,6 +3566,26 @@ const OUT_CHUNK: usize = 64 * 1024;
 
 /// How long one write may wait for the socket before the peer is given up on: two heartbeat
 /// intervals, or `WRITE_STALL_LIMIT` with heartbeats off.
+/// A write that must finish within the connection's write deadline.
+async fn within(
+    stall: Duration,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    timeout(stall, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// An output buffer once written: emptied, cut back if a burst grew it, and its share of the
+/// budget updated.
+fn written(out: &mut Vec<u8>, charged: &mut Charged) {
+    out.clear();
+    if out.capacity() > 2 * OUT_CHUNK {
+        out.shrink_to(OUT_CHUNK);
+    }
+    charged.track(out.capacity());
+}
+
 fn write_deadline(config: &Config) -> Duration {
     match config.heartbeat {
         beat if beat.is_zero() => WRITE_STALL_LIMIT,
@@ -4122,15 +4142,8 @@ impl Writer for WsWriter {
             Ok::<(), std::io::Error>(())
         };
         self.charged.track(self.out.capacity());
-        match timeout(self.stall, write).await {
-            Ok(result) => result?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        }
-        self.out.clear();
-        if self.out.capacity() > 2 * OUT_CHUNK {
-            self.out.shrink_to(OUT_CHUNK);
-        }
-        self.charged.track(self.out.capacity());
+        within(self.stall, write).await?;
+        written(&mut self.out, &mut self.charged);
         Ok(())
     }
 }
@@ -4568,16 +4581,9 @@ impl Writer for SseWriter {
     async fn write_out(&mut self) -> std::io::Result<()> {
         self.charged.track(self.out.capacity());
         if !self.out.is_empty() {
-            match timeout(self.stall, self.stream.write_all(&self.out)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-            }
+            within(self.stall, self.stream.write_all(&self.out)).await?;
         }
-        self.out.clear();
-        if self.out.capacity() > 2 * OUT_CHUNK {
-            self.out.shrink_to(OUT_CHUNK);
-        }
-        self.charged.track(self.out.capacity());
+        written(&mut self.out, &mut self.charged);
         Ok(())
     }
 }
