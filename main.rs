@@ -1765,7 +1765,9 @@ impl Broker {
             .map(|e| Arc::clone(e.value()))
             .filter(|outbox| outbox.is_slow())
             .collect();
-        queues.sort_by_key(|outbox| std::cmp::Reverse(outbox.len()));
+        // Each length read once: they change while this runs, and a sort whose keys change
+        // under it may panic (Rust's sort checks that its order is total).
+        queues.sort_by_cached_key(|outbox| std::cmp::Reverse(outbox.len()));
         while self.budget.used() > target && !queues.is_empty() {
             queues.retain(|outbox| outbox.shed_oldest());
         }

@@ -1050,8 +1050,8 @@ fn the_binary_exits_2_on_bad_configuration_and_documents_its_flags() {
 
 // ---- 9. graceful shutdown of the real binary ----
 
-/// Drains `child`'s stderr on a thread (so a full pipe never stalls it), and sends the first
-/// thing `wanted` finds in a line.
+/// Drains `child`'s stderr on a thread (so a full pipe never stalls it), passes on any panic
+/// message, and sends the first thing `wanted` finds in a line.
 fn first_stderr_line<T: Send + 'static>(
     child: &mut std::process::Child,
     wanted: impl Fn(&str) -> Option<T> + Send + 'static,
@@ -1061,6 +1061,11 @@ fn first_stderr_line<T: Send + 'static>(
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // A panic in a connection's task ends only that task: say so, or a test sees
+            // nothing but a connection closed without a Close frame.
+            if line.contains("panicked") {
+                eprintln!("child: {line}");
+            }
             if let Some(found) = wanted(&line)
                 && let Some(tx) = tx.take()
             {
