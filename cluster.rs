@@ -846,18 +846,10 @@ impl Cluster {
             Ok(topics) => topics,
             Err(e) => return Response::reject(e),
         };
-        Response::json(200, |json| {
-            let mut list = json.open_list("topics");
-            for (name, _) in &topics {
-                let subscribers = broker.topic(name).map_or(0, |t| t.subscriber_count());
-                list = list
-                    .item()
-                    .plain("name", name)
-                    .num("subscribers", subscribers as u64)
-                    .close();
-            }
-            list.close_list().end()
-        })
+        topic_list(topics.iter().map(|(name, _)| {
+            let subscribers = broker.topic(name).map_or(0, |t| t.subscriber_count());
+            (name.as_str(), subscribers)
+        }))
     }
 
     /// `messages` is the stream's last `seq` (every message ever published to this
@@ -867,25 +859,15 @@ impl Cluster {
             Ok(topics) => topics,
             Err(e) => return Response::reject(e),
         };
-        Response::json(200, |json| {
-            let mut out = json.open("topics");
-            for (name, state) in &topics {
-                let local = broker.topic(name);
-                out = out
-                    .open(name)
-                    .num("messages", state.last_sequence)
-                    .num(
-                        "subscribers",
-                        local.as_ref().map_or(0, |t| t.subscriber_count() as u64),
-                    )
-                    .num(
-                        "dropped",
-                        local.map_or(0, |t| t.shared.dropped.load(Ordering::Acquire)),
-                    )
-                    .close();
-            }
-            out.close().end()
-        })
+        topic_stats(topics.iter().map(|(name, state)| {
+            let local = broker.topic(name);
+            let counts = [
+                state.last_sequence,
+                local.as_ref().map_or(0, |t| t.subscriber_count() as u64),
+                local.map_or(0, |t| t.shared.dropped.load(Ordering::Acquire)),
+            ];
+            (name.as_str(), counts)
+        }))
     }
 }
 

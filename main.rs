@@ -2503,13 +2503,23 @@ fn sorted_topics(broker: &Broker) -> Vec<Arc<Topic>> {
 }
 
 fn list_topics(broker: &Broker) -> Response {
+    let topics = sorted_topics(broker);
+    topic_list(
+        topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.subscriber_count())),
+    )
+}
+
+/// The body of `GET /topics`, from (name, subscribers) in order.
+fn topic_list<'t>(topics: impl Iterator<Item = (&'t str, usize)>) -> Response {
     Response::json(200, |json| {
         let mut list = json.open_list("topics");
-        for topic in sorted_topics(broker) {
+        for (name, subscribers) in topics {
             list = list
                 .item()
-                .plain("name", &topic.name)
-                .num("subscribers", topic.subscriber_count() as u64)
+                .plain("name", name)
+                .num("subscribers", subscribers as u64)
                 .close();
         }
         list.close_list().end()
@@ -2538,17 +2548,30 @@ fn health(broker: &Broker) -> Response {
 }
 
 fn stats(broker: &Broker) -> Response {
+    let topics = sorted_topics(broker);
+    topic_stats(topics.iter().map(|t| {
+        let counts = [
+            t.published(),
+            t.subscriber_count() as u64,
+            t.shared.dropped.load(Ordering::Acquire),
+        ];
+        (t.name.as_str(), counts)
+    }))
+}
+
+/// The body of `GET /stats`, from (name, [messages, subscribers, dropped]) in order.
+fn topic_stats<'t>(topics: impl Iterator<Item = (&'t str, [u64; 3])>) -> Response {
     Response::json(200, |json| {
-        let mut topics = json.open("topics");
-        for topic in sorted_topics(broker) {
-            topics = topics
-                .open(&topic.name)
-                .num("messages", topic.published())
-                .num("subscribers", topic.subscriber_count() as u64)
-                .num("dropped", topic.shared.dropped.load(Ordering::Acquire))
+        let mut out = json.open("topics");
+        for (name, [messages, subscribers, dropped]) in topics {
+            out = out
+                .open(name)
+                .num("messages", messages)
+                .num("subscribers", subscribers)
+                .num("dropped", dropped)
                 .close();
         }
-        topics.close().end()
+        out.close().end()
     })
 }
 
