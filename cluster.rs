@@ -1132,8 +1132,10 @@ impl Topic {
     /// the topic's one follower, in `seq` order; false once the topic is deleted.
     fn admit(&self, seq: u64, millis: u64, id: &str, payload: &str) -> bool {
         let stamped = Timestamp::format(millis);
+        self.shared
+            .budget
+            .charge(Event::estimate(&self.name, Some(id), payload));
         let mut event = Event::draft(&self.shared, &self.name, MessageId::Given(id), payload);
-        let mut evicted = None;
         let mut state = self.lock();
         if self.is_deleted() {
             return false;
@@ -1143,27 +1145,11 @@ impl Topic {
         }
         state.next_seq = seq + 1;
         self.published.store(seq, Ordering::Release);
-        let ts = if stamped.millis < state.last_ts.millis {
-            state.last_ts
-        } else {
-            stamped
-        };
-        state.last_ts = ts;
+        let ts = state.stamp(stamped);
         if Event::seal(&mut event, seq, ts).is_none() {
             return true;
         }
-        if state.replay_size > 0 {
-            if state.ring.len() == state.replay_size {
-                evicted = state.ring.pop_front();
-            }
-            state.ring.push_back(Arc::clone(&event));
-        }
-        let subscribers = self.subscribers.load();
-        for outbox in subscribers.iter().chain(&state.joined) {
-            if !state.left.contains(&address(outbox)) {
-                outbox.push(&event);
-            }
-        }
+        let evicted = self.deliver(&mut state, vec![event]);
         drop(state);
         drop(evicted);
         true

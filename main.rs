@@ -1117,6 +1117,17 @@ struct TopicState {
     left: HashSet<usize>,
 }
 
+impl TopicState {
+    /// The `ts` of the next event, read from the clock as `now`: never before the last one.
+    /// Compared by the milliseconds alone: within one, the text is the same.
+    fn stamp(&mut self, now: Timestamp) -> Timestamp {
+        if now.millis >= self.last_ts.millis {
+            self.last_ts = now;
+        }
+        self.last_ts
+    }
+}
+
 /// A set this small is copied on every change: cheaper than keeping `joined` and `left`.
 const SMALL_SET: usize = 64;
 
@@ -1186,50 +1197,52 @@ impl Topic {
         self.published.load(Ordering::Acquire)
     }
 
-    /// Assigns the next `seq` and delivers the event; `None` if the topic was deleted.
-    /// Encoding happens before the lock; under it, only what gives the order.
-    fn publish(&self, id: MessageId, payload: &str) -> Option<(u64, Timestamp)> {
-        let ts = Timestamp::now();
-        let mut event = Event::draft(&self.shared, &self.name, id, payload);
-        // Declared before the guard, so dropped after it: what the ring evicts is freed
-        // outside the critical section.
-        let mut evicted = None;
+    /// Assigns the next `seq`s to `events` (drafts, in the order given) and delivers them, in
+    /// one critical section however many there are: a burst takes the lock once and wakes each
+    /// subscriber once. Encoding happens before the lock; under it, only what gives the order.
+    /// Returns the first `seq` and the `ts` they share; `None` if the topic was deleted.
+    fn publish(&self, mut events: Vec<Arc<Event>>, ts: Timestamp) -> Option<(u64, Timestamp)> {
         let mut state = self.lock();
         if self.is_deleted() {
             return None;
         }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        self.published.store(seq, Ordering::Release);
-        // By the milliseconds alone: within one, the text is the same.
-        let ts = if ts.millis < state.last_ts.millis {
-            state.last_ts
-        } else {
-            ts
-        };
-        state.last_ts = ts;
-        Event::seal(&mut event, seq, ts)?;
-        if state.replay_size > 0 {
-            if state.ring.len() == state.replay_size {
-                evicted = state.ring.pop_front();
-            }
-            state.ring.push_back(Arc::clone(&event));
+        let first = state.next_seq;
+        state.next_seq += events.len() as u64;
+        self.published.store(state.next_seq - 1, Ordering::Release);
+        let ts = state.stamp(ts);
+        for (event, seq) in events.iter_mut().zip(first..) {
+            Event::seal(event, seq, ts)?;
         }
+        let evicted = self.deliver(&mut state, events);
+        // What the ring evicted is freed outside the critical section.
+        drop(state);
+        drop(evicted);
+        Some((first, ts))
+    }
+
+    /// Under the ordering lock: hands sealed `events` to every subscriber, then to the ring.
+    /// Returns what the ring evicted (or, without a ring, the events themselves), for the
+    /// caller to drop once the lock is released.
+    fn deliver(&self, state: &mut TopicState, mut events: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
         let subscribers = self.subscribers.load();
-        if state.left.is_empty() {
-            for outbox in subscribers.iter().chain(&state.joined) {
-                outbox.push(&event);
+        for outbox in subscribers.iter().chain(&state.joined) {
+            // `left` is empty nearly always, and then no lookup is made.
+            if state.left.is_empty() || !state.left.contains(&address(outbox)) {
+                outbox.push(&events);
             }
-        } else {
-            for outbox in subscribers.iter().chain(&state.joined) {
-                if !state.left.contains(&address(outbox)) {
-                    outbox.push(&event);
+        }
+        if state.replay_size > 0 {
+            for event in &mut events {
+                if state.ring.len() == state.replay_size
+                    && let Some(oldest) = state.ring.pop_front()
+                {
+                    state.ring.push_back(std::mem::replace(event, oldest));
+                } else {
+                    state.ring.push_back(Arc::clone(event));
                 }
             }
         }
-        drop(state);
-        drop(evicted);
-        Some((seq, ts))
+        events
     }
 
     /// Registers `outbox` and reads the replay it asked for, at the ordering point.
@@ -1377,13 +1390,15 @@ pub(crate) struct Event {
 
 impl Event {
     /// Encodes all of the event but `seq` and `ts`, outside the ordering lock. `id` and
-    /// `payload` are raw JSON, copied byte for byte.
+    /// `payload` are raw JSON, copied byte for byte. Its maker has charged the budget its
+    /// `estimate` (a burst's drafts in one sum); the event gives that back when it is freed.
     fn draft(topic: &Arc<TopicShared>, name: &str, id: MessageId, payload: &str) -> Arc<Event> {
         let id_len = match id {
             MessageId::Given(raw) => raw.len(),
             MessageId::Assigned(..) => ASSIGNED_ID,
         };
-        let mut wire = Vec::with_capacity(event_capacity(name, id_len, payload));
+        let capacity = event_capacity(name, id_len, payload);
+        let mut wire = Vec::with_capacity(capacity);
         wire.extend_from_slice(&[0; HEADER_ROOM]);
         Json::message(&mut wire, "event")
             .plain("topic", name)
@@ -1391,20 +1406,15 @@ impl Event {
             .id("id", id)
             .raw("payload", payload.as_bytes())
             .close();
-        let mut event = Arc::new(Event {
+        Arc::new(Event {
             topic: Arc::clone(topic),
             seq: 0,
             millis: 0,
-            charged: 0,
+            charged: std::mem::size_of::<Event>() + capacity,
             wire,
             start: 0,
             line_breaks: AtomicU8::new(0),
-        });
-        if let Some(fresh) = Arc::get_mut(&mut event) {
-            fresh.charged = std::mem::size_of::<Event>() + fresh.wire.capacity();
-            topic.budget.charge(fresh.charged);
-        }
-        event
+        })
     }
 
     /// Completes a draft at the ordering point: `seq`, `ts` and the frame header. The
@@ -1425,7 +1435,7 @@ impl Event {
         &self.wire[self.start..]
     }
 
-    /// What the budget will be charged for a draft not yet made.
+    /// What the budget is charged for a draft: its `charged`.
     fn estimate(name: &str, id: Option<&str>, payload: &str) -> usize {
         std::mem::size_of::<Event>()
             + event_capacity(name, id.map_or(ASSIGNED_ID, str::len), payload)
@@ -1538,13 +1548,16 @@ impl Outbox {
         true
     }
 
-    fn push(&self, event: &Arc<Event>) {
+    /// Queues `events` in order, evicting the oldest when full, and wakes the task once.
+    fn push(&self, events: &[Arc<Event>]) {
         let Some(queue) = self.queue.get() else {
             return;
         };
-        if let Some(evicted) = queue.force_push(Arc::clone(event)) {
-            self.dropped.fetch_add(1, Ordering::AcqRel);
-            evicted.topic.dropped.fetch_add(1, Ordering::Relaxed);
+        for event in events {
+            if let Some(evicted) = queue.force_push(Arc::clone(event)) {
+                self.dropped.fetch_add(1, Ordering::AcqRel);
+                evicted.topic.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.wake();
     }
@@ -1605,6 +1618,14 @@ struct Published<'a> {
     ts: Timestamp,
 }
 
+/// One message to publish: its `id` (raw JSON, a string literal) if the client gave one, and
+/// its `payload` (raw JSON).
+#[derive(Clone, Copy)]
+struct Post<'a> {
+    id: Option<&'a str>,
+    payload: &'a str,
+}
+
 impl Publisher {
     fn new(connection: u64) -> Publisher {
         Publisher {
@@ -1614,7 +1635,6 @@ impl Publisher {
         }
     }
 
-    /// `id` is raw JSON (a string literal) when the client gave one.
     fn publish<'a>(
         &mut self,
         broker: &Broker,
@@ -1622,6 +1642,23 @@ impl Publisher {
         id: Option<&'a str>,
         payload: &str,
     ) -> Result<Published<'a>, Reject> {
+        let (seq, ts) = self.publish_all(broker, name, &[Post { id, payload }])?;
+        let id = match id {
+            Some(raw) => MessageId::Given(raw),
+            None => MessageId::Assigned(self.connection, self.unnamed),
+        };
+        Ok(Published { id, seq, ts })
+    }
+
+    /// Publishes `posts` to `name` in order, all or none: consecutive `seq`s from the one
+    /// returned, and one `ts`. A connection's burst pays for the topic lookup, the budget and
+    /// the ordering lock once.
+    fn publish_all(
+        &mut self,
+        broker: &Broker,
+        name: &str,
+        posts: &[Post],
+    ) -> Result<(u64, Timestamp), Reject> {
         let cached = self
             .last
             .take()
@@ -1630,19 +1667,31 @@ impl Publisher {
             Some(topic) => topic,
             None => broker.find_topic(name)?,
         };
-        broker.make_room(Event::estimate(name, id, payload))?;
-        let id = match id {
-            Some(raw) => MessageId::Given(raw),
-            None => {
-                self.unnamed += 1;
-                MessageId::Assigned(self.connection, self.unnamed)
-            }
-        };
-        let (seq, ts) = topic
-            .publish(id, payload)
+        let bytes = posts
+            .iter()
+            .map(|post| Event::estimate(name, post.id, post.payload))
+            .sum();
+        broker.make_room(bytes)?;
+        broker.budget.charge(bytes);
+        let ts = Timestamp::now();
+        let events = posts
+            .iter()
+            .map(|post| {
+                let id = match post.id {
+                    Some(raw) => MessageId::Given(raw),
+                    None => {
+                        self.unnamed += 1;
+                        MessageId::Assigned(self.connection, self.unnamed)
+                    }
+                };
+                Event::draft(&topic.shared, name, id, post.payload)
+            })
+            .collect();
+        let first = topic
+            .publish(events, ts)
             .ok_or_else(|| topic_not_found(name))?;
         self.last = Some(topic);
-        Ok(Published { id, seq, ts })
+        Ok(first)
     }
 }
 
@@ -4125,6 +4174,35 @@ impl WsWriter {
             json.request_id(request_id).error(e.code, &e.message)
         });
     }
+
+    /// The reply to a publish: its ack, or why it was refused.
+    fn answer(
+        &mut self,
+        request_id: Option<&str>,
+        topic: &str,
+        r: Result<(u64, Timestamp), Reject>,
+    ) {
+        match r {
+            Ok((seq, ts)) => self.message("ack", ts, |json| {
+                json.request_id(request_id)
+                    .plain("topic", topic)
+                    .plain("status", "ok")
+                    .num("seq", seq)
+            }),
+            Err(e) => self.error(request_id, e),
+        }
+    }
+
+    /// The refusal of a request over `RATE_LIMIT`, with when to try again.
+    fn retry_later(&mut self, request_id: Option<&str>, wait: Duration) {
+        let e = rate_limited(wait);
+        let ms = wait.as_millis().max(1) as u64;
+        self.message("error", Timestamp::now(), |json| {
+            json.request_id(request_id)
+                .error(e.code, &e.message)
+                .num("retry_after_ms", ms)
+        });
+    }
 }
 
 impl Writer for WsWriter {
@@ -4171,6 +4249,15 @@ impl Writer for WsWriter {
         written(&mut self.out, &mut self.charged);
         Ok(())
     }
+}
+
+/// A connection's publishes to one topic in a row, within one burst: published together
+/// when the burst ends or anything else comes, then answered in order.
+#[derive(Default)]
+struct Batch<'m> {
+    topic: Cow<'m, str>,
+    posts: Vec<Post<'m>>,
+    request_ids: Vec<Option<&'m str>>,
 }
 
 /// One WebSocket connection. Its task is the only writer to the socket and owns the
@@ -4331,28 +4418,53 @@ impl Session {
 
     /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
     /// client that pipelines requests costs one trip through the loop per burst, not per
-    /// message.
+    /// message, and its publishes to one topic in a row go in together (`Batch`).
     async fn on_burst(&mut self, first: Message) -> Result<(), End> {
         const BURST: usize = 64;
-        self.on_message(first).await?;
-        for _ in 1..BURST {
+        self.writer.ws.get_mut().message_done();
+        let mut bytes = first.len();
+        let mut burst = vec![first];
+        let mut ended = None;
+        // Gathered up to a read's worth, so a burst of large messages holds no more.
+        while burst.len() < BURST && bytes < READ_AHEAD {
             // Each message spends from the task's cooperative budget, so a client that floods
             // publishes yields its worker to the subscribers it is feeding.
             tokio::task::consume_budget().await;
-            match self.writer.ws.next().now_or_never() {
-                Some(Some(Ok(message))) => self.on_message(message).await?,
-                Some(Some(Err(e))) => return Err(e.into()),
-                Some(None) => return Err(End::Closed),
+            let message = match self.writer.ws.next().now_or_never() {
+                Some(Some(Ok(message))) => message,
+                Some(Some(Err(e))) => {
+                    ended = Some(e.into());
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(End::Closed);
+                    break;
+                }
                 None => break,
-            }
+            };
+            self.writer.ws.get_mut().message_done();
+            bytes += message.len();
+            burst.push(message);
         }
-        Ok(())
+        let mut batch = Batch::default();
+        for message in &burst {
+            self.on_message(message, &mut batch).await?;
+        }
+        self.publish_batch(&mut batch);
+        self.writer.write_if_full().await?;
+        ended.map_or(Ok(()), Err)
     }
 
-    async fn on_message(&mut self, message: Message) -> Result<(), End> {
-        self.writer.ws.get_mut().message_done();
+    async fn on_message<'m>(
+        &mut self,
+        message: &'m Message,
+        batch: &mut Batch<'m>,
+    ) -> Result<(), End> {
+        if let Message::Text(text) = message {
+            return self.on_text(text, batch).await;
+        }
+        self.publish_batch(batch);
         match message {
-            Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {
                 let why = "binary frames are not supported; send JSON text";
                 self.writer.error(None, reject("BAD_REQUEST", why));
@@ -4366,42 +4478,47 @@ impl Session {
                 let _ = timeout(self.writer.stall, self.writer.ws.flush()).await;
                 Err(End::Closed)
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            _ => Ok(()),
         }
     }
 
-    /// A request that costs a token under `RATE_LIMIT` (a publish, or a subscribe that asks
-    /// for a replay): refused with `retry_after_ms` when there is none.
-    fn over_rate(&mut self, request_id: Option<&str>) -> bool {
-        let (Some(bucket), Some((rate, burst))) =
-            (&mut self.bucket, self.subscriptions.broker.rate())
-        else {
-            return false;
-        };
-        let Err(wait) = bucket.take(rate, burst) else {
-            return false;
-        };
-        let e = rate_limited(wait);
-        let ms = wait.as_millis().max(1) as u64;
-        self.writer.message("error", Timestamp::now(), |json| {
-            json.request_id(request_id)
-                .error(e.code, &e.message)
-                .num("retry_after_ms", ms)
-        });
-        true
+    /// Takes a token under `RATE_LIMIT` for a request that costs one (a publish, or a
+    /// subscribe that asks for a replay); without one, how long until there is one.
+    fn spend(&mut self) -> Result<(), Duration> {
+        match (&mut self.bucket, self.subscriptions.broker.rate()) {
+            (Some(bucket), Some((rate, burst))) => bucket.take(rate, burst),
+            _ => Ok(()),
+        }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+    async fn on_text<'m>(&mut self, text: &'m str, batch: &mut Batch<'m>) -> Result<(), End> {
         let (request_id, request) = decode(text);
         let costly = match &request {
             Ok(ClientRequest::Publish { .. }) => true,
             Ok(ClientRequest::Subscribe { replay, .. }) => *replay != Replay::Last(0),
             _ => false,
         };
-        if costly && self.over_rate(request_id) {
-            self.writer.write_if_full().await?;
-            return Ok(());
-        }
+        let spent = if costly { self.spend() } else { Ok(()) };
+        let local = matches!(self.subscriptions.broker.engine, Engine::Local);
+        let request = match (spent, request) {
+            (Ok(()), Ok(ClientRequest::Publish { topic, id, payload })) if local => {
+                if batch.posts.is_empty() || batch.topic != topic {
+                    self.publish_batch(batch);
+                    batch.topic = topic;
+                }
+                batch.posts.push(Post { id, payload });
+                batch.request_ids.push(request_id);
+                return Ok(());
+            }
+            (Ok(()), request) => request,
+            (Err(wait), _) => {
+                self.publish_batch(batch);
+                self.writer.retry_later(request_id, wait);
+                return self.writer.write_if_full().await.map_err(End::from);
+            }
+        };
+        // Anything else is answered after the publishes before it.
+        self.publish_batch(batch);
         match request {
             Err(e) => self.writer.error(request_id, e),
             Ok(ClientRequest::Ping) => {
@@ -4416,15 +4533,8 @@ impl Session {
                     #[cfg(feature = "cluster")]
                     Engine::Cluster(c) => Box::pin(c.publish(broker, &topic, id, payload)).await,
                 };
-                match published {
-                    Ok(published) => self.writer.message("ack", published.ts, |json| {
-                        json.request_id(request_id)
-                            .plain("topic", &topic)
-                            .plain("status", "ok")
-                            .num("seq", published.seq)
-                    }),
-                    Err(e) => self.writer.error(request_id, e),
-                }
+                self.writer
+                    .answer(request_id, &topic, published.map(|p| (p.seq, p.ts)));
             }
             // Boxed, like the other rare paths, so their state does not sit in every
             // connection's task for its whole life.
@@ -4437,6 +4547,34 @@ impl Session {
         }
         self.writer.write_if_full().await?;
         Ok(())
+    }
+
+    /// Publishes the batch, all at once, and answers each of its requests in order. If that
+    /// fails (the topic is gone, or the memory budget is spent) each message is tried alone,
+    /// so that each gets its own answer.
+    fn publish_batch(&mut self, batch: &mut Batch) {
+        if batch.posts.is_empty() {
+            return;
+        }
+        let broker = &self.subscriptions.broker;
+        let (topic, posts) = (&batch.topic, &batch.posts);
+        match self.publisher.publish_all(broker, topic, posts) {
+            Ok((first, ts)) => {
+                for (request_id, seq) in batch.request_ids.iter().zip(first..) {
+                    self.writer.answer(*request_id, topic, Ok((seq, ts)));
+                }
+            }
+            Err(e) if posts.len() == 1 => self.writer.error(batch.request_ids[0], e),
+            Err(_) => {
+                for (request_id, post) in batch.request_ids.iter().zip(posts) {
+                    let published = self.publisher.publish(broker, topic, post.id, post.payload);
+                    self.writer
+                        .answer(*request_id, topic, published.map(|p| (p.seq, p.ts)));
+                }
+            }
+        }
+        batch.posts.clear();
+        batch.request_ids.clear();
     }
 
     async fn subscribe(

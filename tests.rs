@@ -615,6 +615,101 @@ async fn concurrent_publishers_produce_one_order_for_every_subscriber() {
     }
 }
 
+/// A pipelined burst mixing publishes to two topics, a ping, publishes to a topic that is
+/// not there, a subscribe and a bad request, sent in one write: the server publishes a run
+/// of publishes to one topic together, but every request is still answered in the order
+/// sent, each with its own outcome, and the events keep one order per topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_burst_is_answered_in_order_with_one_sequence_per_topic() {
+    let addr = start(quiet()).await;
+    create(addr, "a").await;
+    create(addr, "b").await;
+    let mut reader = Client::connect(addr).await;
+    reader.subscribe("a", 0).await;
+    reader.subscribe("b", 0).await;
+    let publish =
+        |topic: &str, i: u64| json!({"type":"publish","topic":topic,"message":{"payload":{"i":i}}});
+    let requests = [
+        publish("a", 0),
+        publish("a", 1),
+        publish("b", 2),
+        publish("a", 3),
+        json!({"type":"ping"}),
+        publish("a", 4),
+        publish("missing", 5),
+        publish("missing", 6),
+        publish("a", 7),
+        json!({"type":"subscribe","topic":"b","last_n":0}),
+        json!({"type":"nonsense"}),
+        publish("a", 8),
+    ];
+    let mut writer = Client::connect(addr).await;
+    for (n, mut request) in requests.into_iter().enumerate() {
+        request["request_id"] = json!(format!("r{n}"));
+        let frame = Message::Text(request.to_string().into());
+        writer.ws.feed(frame).await.unwrap();
+    }
+    writer.ws.flush().await.unwrap();
+    let mut replies = Vec::new();
+    while replies.len() < 12 {
+        let reply = writer.recv().await;
+        if reply["type"] != "event" {
+            replies.push(reply);
+        }
+    }
+    let ids: Vec<String> = replies
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    let expected: Vec<String> = (0..12).map(|n| format!("r{n}")).collect();
+    assert_eq!(ids, expected, "replies in request order: {replies:?}");
+    let outcome = |r: &Value| match r["type"].as_str() {
+        Some("ack") => r["seq"].as_u64().map_or("ack".into(), |s| {
+            format!("{}:{s}", r["topic"].as_str().unwrap())
+        }),
+        Some("error") => r["error"]["code"].as_str().unwrap().to_string(),
+        other => other.unwrap_or("?").to_string(),
+    };
+    let outcomes: Vec<String> = replies.iter().map(outcome).collect();
+    let want = [
+        "a:1",
+        "a:2",
+        "b:1",
+        "a:3",
+        "pong",
+        "a:4",
+        "TOPIC_NOT_FOUND",
+        "TOPIC_NOT_FOUND",
+        "a:5",
+        "ack",
+        "BAD_REQUEST",
+        "a:6",
+    ];
+    assert_eq!(outcomes, want, "{replies:?}");
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        let event = reader.event().await;
+        let topic = event["topic"].as_str().unwrap().to_string();
+        got.push((
+            topic,
+            seq(&event),
+            event["message"]["payload"]["i"].as_u64().unwrap(),
+        ));
+    }
+    let a: Vec<(u64, u64)> = got
+        .iter()
+        .filter(|e| e.0 == "a")
+        .map(|e| (e.1, e.2))
+        .collect();
+    assert_eq!(a, [(1, 0), (2, 1), (3, 3), (4, 4), (5, 7), (6, 8)]);
+    let b: Vec<(u64, u64)> = got
+        .iter()
+        .filter(|e| e.0 == "b")
+        .map(|e| (e.1, e.2))
+        .collect();
+    assert_eq!(b, [(1, 2)]);
+}
+
 // ---- 7. abrupt disconnect ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
