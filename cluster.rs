@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
+use futures_util::StreamExt;
 
 use super::*;
 
