@@ -570,7 +570,6 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
     drop(listener);
     housekeeping.abort();
     let deadline = Instant::now() + grace;
-    broker.stopping.store(true, Ordering::Release);
     let open = broker.open_sockets.load(Ordering::Relaxed);
     log!(
         broker,
@@ -578,6 +577,11 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
         "shutting down: draining {open} connection(s)"
     );
     let _ = stop_tx.send(Some(deadline));
+    // Sessions and SSE streams look at the deadline whenever they wake: this wakes them all.
+    let _ = broker.drain_deadline.set(deadline);
+    for outbox in broker.outboxes.iter() {
+        outbox.wake();
+    }
     drop(alive_rx);
     // A little past the deadline, so that connections which used all of it can still send
     // their Close frames.
@@ -696,36 +700,21 @@ enum Next {
 }
 
 impl Connection {
-    /// The task of one TCP connection. The HTTP exchange is boxed, so its buffers and
-    /// futures are freed when it ends and the task itself is no larger than the WebSocket
-    /// session that may follow and live for hours (the unboxed task was 5 KiB).
+    /// The task of one TCP connection: the HTTP exchange, boxed so that its buffers and
+    /// futures are freed when it ends. A WebSocket session gets a task of its own, just its
+    /// size, and this one ends; an SSE stream is served here.
     async fn serve(self, stream: TcpStream, ip: IpAddr) {
-        let (_guard, over) = SocketGuard::admit(&self.broker, ip);
+        let (guard, over) = SocketGuard::admit(&self.broker, ip);
         // Awaited in its own statement: a temporary of a `match` scrutinee keeps its room in
         // the task until the match ends, moved into the box or not.
         let next = Box::pin(self.exchange(stream, ip, over)).await;
         match next {
             Next::Upgrade(connection, stream, request, leftover) => {
-                let Connection {
-                    broker,
-                    stop,
-                    _alive,
-                } = connection;
-                // The session's future is made in a plain function, from the handshake's
-                // result: a `Ws` or `Session` named here would keep its room in the task
-                // beside the future it moved into.
-                let session = match Box::pin(Self::handshake(
-                    Arc::clone(&broker),
-                    stream,
-                    request,
-                    leftover,
-                ))
-                .await
-                {
-                    Some(ws) => Session::start(broker, stop, ws),
-                    None => return,
-                };
-                session.await;
+                let broker = Arc::clone(&connection.broker);
+                let handshake = Self::handshake(broker, stream, request, leftover);
+                if let Some(ws) = Box::pin(handshake).await {
+                    tokio::spawn(Session::start(connection, guard, ws));
+                }
             }
             Next::Events(connection, stream, name, replay) => {
                 Box::pin(SseStream::serve(connection, stream, name, replay)).await
@@ -763,7 +752,7 @@ impl Connection {
                 }
                 HeadRead::Closed => return Next::Done,
             };
-            if broker.stopping.load(Ordering::Acquire) {
+            if broker.stopping().is_some() {
                 let response = Response::error(503, "SHUTTING_DOWN", "the server is shutting down");
                 let _ = response.closing().write_within(&mut stream, 1).await;
                 return Next::Done;
@@ -960,8 +949,10 @@ pub(crate) struct Broker {
     /// REST publishers' token buckets, per client address (only with `RATE_LIMIT`).
     rest_buckets: DashMap<IpAddr, TokenBucket>,
     started: Instant,
-    /// Set when shutdown begins: REST answers 503 from then on.
-    stopping: AtomicBool,
+    /// The drain deadline, set when shutdown begins: REST answers 503 from then on, and a
+    /// session or SSE stream says goodbye the next time it wakes (the shutdown wakes them
+    /// all), with no future of its own waiting for it.
+    drain_deadline: OnceLock<Instant>,
     /// Where topics live and publishes get their `seq`.
     engine: Engine,
 }
@@ -994,13 +985,18 @@ impl Broker {
             slow_notices: AtomicU64::new(0),
             rest_buckets: DashMap::new(),
             started: Instant::now(),
-            stopping: AtomicBool::new(false),
+            drain_deadline: OnceLock::new(),
             #[cfg(not(feature = "cluster"))]
             engine: Engine::Local,
             #[cfg(feature = "cluster")]
             engine: cluster::engine(&config),
             config,
         }
+    }
+
+    /// The drain deadline, once shutdown has begun.
+    fn stopping(&self) -> Option<Instant> {
+        self.drain_deadline.get().copied()
     }
 
     fn topic(&self, name: &str) -> Option<Arc<Topic>> {
@@ -4281,27 +4277,30 @@ struct Session {
     publisher: Publisher,
     /// `RATE_LIMIT` for this connection: publishes and replaying subscribes.
     bucket: Option<TokenBucket>,
-    stop: watch::Receiver<Option<Instant>>,
+    /// Held for the session's life: the connection's place under `MAX_CONNECTIONS`, and the
+    /// token the shutdown waits for.
+    _held: (SocketGuard, watch::Receiver<()>),
 }
 
 /// What woke a WebSocket session's task.
 enum Woke {
-    Stop,
     Beat(Beat),
     Read(Option<Result<Message, WsError>>),
     Write,
 }
 
 impl Session {
+    /// The session's task, from the connection that upgraded.
     fn start(
-        broker: Arc<Broker>,
-        stop: watch::Receiver<Option<Instant>>,
+        connection: Connection,
+        guard: SocketGuard,
         ws: Ws,
-    ) -> impl Future<Output = ()> + Send {
-        Box::new(Session::new(broker, stop, ws)).run()
+    ) -> impl Future<Output = ()> + Send + 'static {
+        Box::new(Session::new(connection, guard, ws)).run()
     }
 
-    fn new(broker: Arc<Broker>, stop: watch::Receiver<Option<Instant>>, ws: Ws) -> Session {
+    fn new(connection: Connection, guard: SocketGuard, ws: Ws) -> Session {
+        let Connection { broker, _alive, .. } = connection;
         let writer = WsWriter {
             ws,
             out: Vec::new(),
@@ -4319,7 +4318,7 @@ impl Session {
             subscriptions,
             writer,
             heartbeat,
-            stop,
+            _held: (guard, _alive),
         }
     }
 
@@ -4371,10 +4370,10 @@ impl Session {
 
     async fn serve(&mut self) -> End {
         let outbox = Arc::clone(&self.subscriptions.outbox);
-        if self.stop.borrow_and_update().is_some() {
-            return Box::pin(self.goodbye()).await;
-        }
         loop {
+            if self.subscriptions.broker.stopping().is_some() {
+                return Box::pin(self.goodbye()).await;
+            }
             outbox.about_to_look();
             if outbox.has_work()
                 && let Err(e) = self.subscriptions.drain(&mut self.writer).await
@@ -4386,7 +4385,6 @@ impl Session {
             // futures of its branches and those of the work never take room side by side.
             let woke = tokio::select! {
                 biased;
-                _ = self.stop.changed() => Woke::Stop,
                 beat = self.heartbeat.tick() => Woke::Beat(beat),
                 incoming = next_message(&mut self.writer.ws) => Woke::Read(incoming),
                 _ = outbox.notify.notified() => continue,
@@ -4394,7 +4392,6 @@ impl Session {
                 _ = std::future::ready(()), if pending => Woke::Write,
             };
             let step = match woke {
-                Woke::Stop => return Box::pin(self.goodbye()).await,
                 Woke::Beat(Beat::Ping) => {
                     self.writer.shrink();
                     self.writer.frame(OPCODE_PING, &[]);
@@ -4420,10 +4417,17 @@ impl Session {
                     match incoming {
                         None => return End::Closed,
                         Some(Err(e)) => return e.into(),
-                        Some(Ok(message)) => self.on_burst(message).await,
+                        Some(Ok(message)) => self.on_burst(vec![message]).await,
                     }
                 }
-                Woke::Write => self.writer.write_out().await.map_err(End::from),
+                Woke::Write => {
+                    let written = self.writer.write_out().await.map_err(End::from);
+                    // Caught up: the buffer a burst grew goes now, not at the next heartbeat.
+                    if !outbox.has_work() {
+                        self.writer.shrink();
+                    }
+                    written
+                }
             };
             if let Err(end) = step {
                 return end;
@@ -4434,11 +4438,10 @@ impl Session {
     /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
     /// client that pipelines requests costs one trip through the loop per burst, not per
     /// message, and its publishes to one topic in a row go in together (`Batch`).
-    async fn on_burst(&mut self, first: Message) -> Result<(), End> {
+    async fn on_burst(&mut self, mut burst: Vec<Message>) -> Result<(), End> {
         const BURST: usize = 64;
         self.writer.ws.get_mut().message_done();
-        let mut bytes = first.len();
-        let mut burst = vec![first];
+        let mut bytes: usize = burst.iter().map(Message::len).sum();
         let mut ended = None;
         // Gathered up to a read's worth, so a burst of large messages holds no more.
         while burst.len() < BURST && bytes < READ_AHEAD {
@@ -4530,10 +4533,11 @@ impl Session {
             (Err(wait), _) => {
                 self.publish_batch(batch);
                 self.writer.retry_later(request_id, wait);
-                return self.writer.write_if_full().await.map_err(End::from);
+                return Ok(());
             }
         };
-        // Anything else is answered after the publishes before it.
+        // Anything else is answered after the publishes before it. Replies are written when
+        // the burst ends (`on_burst`), except a replay's, which `subscribe` writes as it goes.
         self.publish_batch(batch);
         match request {
             Err(e) => self.writer.error(request_id, e),
@@ -4542,26 +4546,39 @@ impl Session {
                 self.writer
                     .message("pong", ts, |json| json.request_id(request_id));
             }
-            Ok(ClientRequest::Publish { topic, id, payload }) => {
+            // Boxed, like the other rare paths, so their state does not sit in every
+            // connection's task for its whole life.
+            Ok(request) => Box::pin(self.on_request(request_id, request)).await?,
+        }
+        Ok(())
+    }
+
+    /// The requests that wait on something: a subscribe's replay, an unsubscribe's drain, a
+    /// publish in cluster mode.
+    async fn on_request(
+        &mut self,
+        request_id: Option<&str>,
+        request: ClientRequest<'_>,
+    ) -> Result<(), End> {
+        match request {
+            ClientRequest::Publish { topic, id, payload } => {
                 let broker = &self.subscriptions.broker;
                 let published = match &broker.engine {
                     Engine::Local => self.publisher.publish(broker, &topic, id, payload),
                     #[cfg(feature = "cluster")]
-                    Engine::Cluster(c) => Box::pin(c.publish(broker, &topic, id, payload)).await,
+                    Engine::Cluster(c) => c.publish(broker, &topic, id, payload).await,
                 };
                 self.writer
                     .answer(request_id, &topic, published.map(|p| (p.seq, p.ts)));
             }
-            // Boxed, like the other rare paths, so their state does not sit in every
-            // connection's task for its whole life.
-            Ok(ClientRequest::Subscribe { topic, replay }) => {
-                Box::pin(self.subscribe(request_id, &topic, replay)).await?;
+            ClientRequest::Subscribe { topic, replay } => {
+                self.subscribe(request_id, &topic, replay).await?;
             }
-            Ok(ClientRequest::Unsubscribe { topic }) => {
-                Box::pin(self.unsubscribe(request_id, &topic)).await?;
+            ClientRequest::Unsubscribe { topic } => {
+                self.unsubscribe(request_id, &topic).await?;
             }
+            ClientRequest::Ping => {}
         }
-        self.writer.write_if_full().await?;
         Ok(())
     }
 
@@ -4649,7 +4666,11 @@ impl Session {
     /// Shutdown: `info`/`shutdown`, the queued events, Close 1001, then a lingering close
     /// that reads the peer's Close — all by the drain deadline.
     async fn goodbye(&mut self) -> End {
-        let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
+        let deadline = self
+            .subscriptions
+            .broker
+            .stopping()
+            .unwrap_or_else(Instant::now);
         let farewell = async {
             let ts = Timestamp::now();
             self.writer
@@ -4775,16 +4796,11 @@ struct SseStream {
     subscriptions: Subscriptions,
     writer: SseWriter,
     heartbeat: Heartbeat,
-    stop: watch::Receiver<Option<Instant>>,
 }
 
 impl SseStream {
     async fn serve(connection: Connection, stream: TcpStream, name: String, replay: Replay) {
-        let Connection {
-            broker,
-            stop,
-            _alive,
-        } = connection;
+        let Connection { broker, _alive, .. } = connection;
         let mut sse = SseStream {
             writer: SseWriter {
                 stream,
@@ -4795,7 +4811,6 @@ impl SseStream {
             },
             heartbeat: Heartbeat::new(broker.config.heartbeat, false),
             subscriptions: Subscriptions::new(broker),
-            stop,
         };
         let subscribed = sse.subscriptions.subscribe(&mut sse.writer, &name, replay);
         let Joined { topic, backlog } = match subscribed.await {
@@ -4839,6 +4854,9 @@ impl SseStream {
         // What a client sends after its request is read only to notice that it has gone.
         let mut discard = [0u8; 64];
         loop {
+            if self.subscriptions.broker.stopping().is_some() {
+                return self.goodbye().await;
+            }
             outbox.about_to_look();
             if outbox.has_work() && self.subscriptions.drain(&mut self.writer).await.is_err() {
                 return;
@@ -4850,7 +4868,6 @@ impl SseStream {
             let pending = self.writer.buffered() > 0;
             tokio::select! {
                 biased;
-                _ = self.stop.changed() => return self.goodbye().await,
                 beat = self.heartbeat.tick() => {
                     if self.writer.out.is_empty() {
                         self.writer.out = Vec::new();
@@ -4877,7 +4894,11 @@ impl SseStream {
 
     /// Shutdown: the queued events, then `event: shutdown`, by the drain deadline.
     async fn goodbye(&mut self) {
-        let deadline = (*self.stop.borrow()).unwrap_or_else(Instant::now);
+        let deadline = self
+            .subscriptions
+            .broker
+            .stopping()
+            .unwrap_or_else(Instant::now);
         let farewell = async {
             while self.subscriptions.outbox.len() > 0 {
                 self.subscriptions.drain(&mut self.writer).await?;

@@ -1204,6 +1204,8 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
     create(addr, "last").await;
     let mut subscriber = Client::connect(addr).await;
     subscriber.subscribe("last", 0).await;
+    // An SSE stream of the same topic, which reads nothing until the end.
+    let (mut sse, _) = Sse::subscribe(addr, "/topics/last/events", "").await;
     let mut publisher = Client::connect(addr).await;
     let filler = "y".repeat(4096);
     for i in 0..TOTAL {
@@ -1248,6 +1250,29 @@ async fn sigterm_flushes_queued_events_and_closes_with_1001() {
         seqs,
         (1..=TOTAL).collect::<Vec<_>>(),
         "every queued event was flushed"
+    );
+    // The publisher, idle and subscribed to nothing, is told and closed the same way.
+    assert_eq!(publisher.recv().await["msg"], "shutdown");
+    assert_eq!(publisher.close_code().await, Some(CloseCode::Away));
+    // And the SSE stream gets its events, then `event: shutdown`, then the end.
+    let mut sse_seqs = Vec::new();
+    let last = loop {
+        let record = sse.record().await.expect("records until shutdown");
+        if record.event != "message" {
+            break record.event;
+        }
+        let event: Value = serde_json::from_str(&record.data).unwrap();
+        sse_seqs.push(seq(&event));
+    };
+    assert_eq!(last, "shutdown");
+    assert_eq!(
+        sse_seqs.len() as u64,
+        TOTAL,
+        "the SSE stream was flushed too"
+    );
+    assert!(
+        sse.record().await.is_none(),
+        "the stream ends after shutdown"
     );
     // Exit status 0 within SHUTDOWN_GRACE_MS + 3 s of the signal.
     let exit_deadline = signalled + Duration::from_millis(2000) + Duration::from_secs(3);
