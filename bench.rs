@@ -1756,6 +1756,8 @@ struct Report {
     generator_cpu_cores: Option<f64>,
     /// `connections` only.
     rss_per_connection_kib: Option<f64>,
+    /// The same, idle again after a burst.
+    rss_after_burst_per_connection_kib: Option<f64>,
     reach_all_ms: Option<f64>,
     /// `mass-disconnect` only: the generator's time to close them all, the time until the
     /// server had, its CPU time meanwhile, and the other topic's latency before it.
@@ -1934,9 +1936,61 @@ async fn run_idle(opts: &Options) -> io::Result<Report> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     report.reach_all_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+    // Then a burst, and idle again: what each connection holds once the burst is over. The
+    // broker hands freed pages back within a second or two of one.
+    publish_rounds(
+        &mut link,
+        s.topics,
+        BURST_ROUNDS,
+        s.topics as u64 + 1,
+        &shared,
+    )
+    .await?;
+    let expected = expected * (1 + BURST_ROUNDS);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = pid.as_deref().and_then(proc_usage);
+    if let (Some((rss0, _)), Some((rss2, _))) = (before, after) {
+        report.rss_after_burst_per_connection_kib =
+            Some(rss2.saturating_sub(rss0) as f64 / s.subscribers as f64);
+    }
     let tallies = stop_readers(readers, &shared).await?;
     report.add_tallies(&tallies, expected, &shared);
     Ok(report)
+}
+
+/// `connections`' burst: events on every topic, round after round.
+const BURST_ROUNDS: u64 = 50;
+
+/// One event on every topic per round, each round confirmed (our acks, NATS's PONG) before
+/// the next, so that the link never holds more than a round.
+async fn publish_rounds(
+    link: &mut PubLink,
+    topics: usize,
+    rounds: u64,
+    first_seq: u64,
+    shared: &Shared,
+) -> io::Result<()> {
+    let mut pending = Pending::new(topics);
+    let mut seq = first_seq;
+    for _ in 0..rounds {
+        for t in 0..topics {
+            let now = shared.now_ns();
+            link.publish(&topic_name(t), 0, seq, now);
+            pending.sent.push_back((t, now));
+            seq += 1;
+        }
+        link.ping();
+        link.flush().await?;
+        while !pending.sent.is_empty() {
+            link.fill().await?;
+            link.replies(&mut pending, shared)?;
+        }
+    }
+    Ok(())
 }
 
 // ---- mass-disconnect ----
@@ -2177,6 +2231,10 @@ fn json_line(opts: &Options, r: &Report) -> String {
         ("server_cpu_cores", r.server_cpu_cores),
         ("generator_cpu_cores", r.generator_cpu_cores),
         ("rss_per_connection_kib", r.rss_per_connection_kib),
+        (
+            "rss_after_burst_per_connection_kib",
+            r.rss_after_burst_per_connection_kib,
+        ),
         ("reach_all_ms", r.reach_all_ms),
         ("close_ms", r.close_ms),
         ("disconnect_ms", r.disconnect_ms),
@@ -2258,6 +2316,11 @@ fn figure_rows(r: &Report) -> Vec<(&'static str, String)> {
             "server RSS per connection",
             r.rss_per_connection_kib.map(|v| format!("{v:.1} KiB")),
         ),
+        (
+            "the same after a burst",
+            r.rss_after_burst_per_connection_kib
+                .map(|v| format!("{v:.1} KiB")),
+        ),
         ("time to reach all", ms(r.reach_all_ms)),
         ("generator closing them all", ms(r.close_ms)),
         ("until the server closed all", ms(r.disconnect_ms)),
@@ -2312,6 +2375,7 @@ fn median_report(reports: &[Report]) -> Report {
         server_cpu_cores: pick_opt(&|r| r.server_cpu_cores),
         generator_cpu_cores: pick_opt(&|r| r.generator_cpu_cores),
         rss_per_connection_kib: pick_opt(&|r| r.rss_per_connection_kib),
+        rss_after_burst_per_connection_kib: pick_opt(&|r| r.rss_after_burst_per_connection_kib),
         reach_all_ms: pick_opt(&|r| r.reach_all_ms),
         close_ms: pick_opt(&|r| r.close_ms),
         disconnect_ms: pick_opt(&|r| r.disconnect_ms),
