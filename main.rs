@@ -1338,14 +1338,21 @@ enum MessageId<'a> {
 
 /// Appends the decimal digits of `n`, two at a time: every publish writes three or four
 /// integers (ids, `seq`), and the profile showed the digit-at-a-time loop at 5% of fan-in CPU.
+/// The digits are written in place into 20 bytes appended and then cut back: appending just
+/// the digits from a stack buffer was a call to `memcpy` (3% of fan-in CPU), and appending
+/// the whole stack buffer stalled on reading back what had just been written to it. The 20
+/// bytes never need more room than a 20-digit number would, so what `draft` reserves suffices.
 pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
         2021222324252627282930313233343536373839\
         4041424344454647484950515253545556575859\
         6061626364656667686970717273747576777879\
         8081828384858687888990919293949596979899";
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    let count = n.checked_ilog10().map_or(1, |log| log as usize + 1);
+    let len = buf.len();
+    buf.extend_from_slice(&[0; 20]);
+    let digits = &mut buf[len..len + count];
+    let mut at = count;
     while n >= 100 {
         let pair = (n % 100) as usize * 2;
         n /= 100;
@@ -1354,13 +1361,11 @@ pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     }
     if n >= 10 {
         let pair = n as usize * 2;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        digits[..2].copy_from_slice(&PAIRS[pair..pair + 2]);
     } else {
-        at -= 1;
-        digits[at] = b'0' + n as u8;
+        digits[0] = b'0' + n as u8;
     }
-    buf.extend_from_slice(&digits[at..]);
+    buf.truncate(len + count);
 }
 
 /// One published event, serialized once; every subscriber queue holds the same `Arc`.

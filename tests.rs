@@ -2105,11 +2105,17 @@ mod properties {
         }
 
         #[test]
-        fn integers_are_written_as_rust_writes_them(n in any::<u64>(), small in 0u64..1000) {
-            for n in [n, small] {
-                let mut written = Vec::new();
+        fn integers_are_written_as_rust_writes_them(
+            n in any::<u64>(),
+            small in 0u64..1000,
+            power in 0u32..20,
+        ) {
+            let edge = 10u64.pow(power);
+            for n in [n, small, edge, edge - 1, u64::MAX] {
+                // Appended after what the buffer held, which stays as it was.
+                let mut written = b"seq:".to_vec();
                 server::push_u64(&mut written, n);
-                prop_assert_eq!(String::from_utf8(written).unwrap(), n.to_string());
+                prop_assert_eq!(String::from_utf8(written).unwrap(), format!("seq:{n}"));
             }
         }
 
