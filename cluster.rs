@@ -1113,7 +1113,10 @@ impl Follower {
             self.skip_to(seq + 1);
             return Ok(());
         };
-        let _ = broker.make_room(Event::estimate(&self.topic.name, Some(id), payload));
+        // What the event will cost, made room for before it is drafted.
+        let _ = broker.make_room(
+            std::mem::size_of::<Event>() + event_capacity(&self.topic.name, id.len(), payload),
+        );
         if !self.topic.admit(seq, millis, id, payload) {
             return Err(Stop::Gone);
         }
@@ -1133,9 +1136,6 @@ impl Topic {
     /// the topic's one follower, in `seq` order; false once the topic is deleted.
     fn admit(&self, seq: u64, millis: u64, id: &str, payload: &str) -> bool {
         let stamped = Timestamp::format(millis);
-        self.shared
-            .budget
-            .charge(Event::estimate(&self.name, Some(id), payload));
         let mut event = Event::draft(&self.shared, &self.name, MessageId::Given(id), payload);
         let mut state = self.lock();
         if self.is_deleted() {
@@ -1147,9 +1147,8 @@ impl Topic {
         state.next_seq = seq + 1;
         self.published.store(seq, Ordering::Release);
         let ts = state.stamp(stamped);
-        if Event::seal(&mut event, seq, ts).is_none() {
-            return true;
-        }
+        self.shared.budget.charge(event.footprint());
+        Event::seal(&mut event, seq, ts);
         let evicted = self.deliver(&mut state, vec![event]);
         drop(state);
         drop(evicted);

@@ -1205,7 +1205,7 @@ impl Topic {
         self.published.store(state.next_seq - 1, Ordering::Release);
         let ts = state.stamp(ts);
         for (event, seq) in events.iter_mut().zip(first..) {
-            Event::seal(event, seq, ts)?;
+            Event::seal(event, seq, ts);
         }
         let evicted = self.deliver(&mut state, events);
         // What the ring evicted is freed outside the critical section.
@@ -1389,8 +1389,9 @@ pub(crate) struct Event {
 
 impl Event {
     /// Encodes all of the event but `seq` and `ts`, outside the ordering lock. `id` and
-    /// `payload` are raw JSON, copied byte for byte. Its maker has charged the budget its
-    /// `estimate` (a burst's drafts in one sum); the event gives that back when it is freed.
+    /// `payload` are raw JSON, copied byte for byte. A draft is not charged to the budget:
+    /// its publisher charges the `footprint` of a burst's drafts in one sum, and `seal`
+    /// records each one's share, which the event gives back when it is freed.
     fn draft(topic: &Arc<TopicShared>, name: &str, id: MessageId, payload: &str) -> Arc<Event> {
         let id_len = match id {
             MessageId::Given(raw) => raw.len(),
@@ -1409,35 +1410,37 @@ impl Event {
             topic: Arc::clone(topic),
             seq: 0,
             millis: 0,
-            charged: std::mem::size_of::<Event>() + capacity,
+            charged: 0,
             wire,
             start: 0,
             line_breaks: AtomicU8::new(0),
         })
     }
 
-    /// Completes a draft at the ordering point: `seq`, `ts` and the frame header. The
-    /// capacity reserved by `draft` covers them, so nothing is allocated under the lock.
-    /// `None` only if the draft was already shared, which `publish` never does.
-    fn seal(event: &mut Arc<Event>, seq: u64, ts: Timestamp) -> Option<()> {
-        let fresh = Arc::get_mut(event)?;
+    /// Completes a draft at the ordering point: `seq`, `ts` and the frame header, and its
+    /// share of the budget, which its publisher has charged. The capacity reserved by
+    /// `draft` covers them, so nothing is allocated under the lock. A draft already shared
+    /// (which `publish` never makes) is left as it is, uncharged.
+    fn seal(event: &mut Arc<Event>, seq: u64, ts: Timestamp) {
+        let Some(fresh) = Arc::get_mut(event) else {
+            return;
+        };
+        fresh.charged = fresh.footprint();
         fresh.seq = seq;
         fresh.millis = ts.millis;
         Json::resume(&mut fresh.wire).num("seq", seq).ts(ts).end();
         let (header, len) = frame_header(OPCODE_TEXT, fresh.wire.len() - HEADER_ROOM);
         fresh.start = HEADER_ROOM - len;
         fresh.wire[fresh.start..HEADER_ROOM].copy_from_slice(&header[..len]);
-        Some(())
+    }
+
+    /// What the event costs the budget.
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<Event>() + self.wire.capacity()
     }
 
     fn frame(&self) -> &[u8] {
         &self.wire[self.start..]
-    }
-
-    /// What the budget is charged for a draft: its `charged`.
-    fn estimate(name: &str, id: Option<&str>, payload: &str) -> usize {
-        std::mem::size_of::<Event>()
-            + event_capacity(name, id.map_or(ASSIGNED_ID, str::len), payload)
     }
 
     /// The event JSON of the contract.
@@ -1617,14 +1620,6 @@ struct Published<'a> {
     ts: Timestamp,
 }
 
-/// One message to publish: its `id` (raw JSON, a string literal) if the client gave one, and
-/// its `payload` (raw JSON).
-#[derive(Clone, Copy)]
-struct Post<'a> {
-    id: Option<&'a str>,
-    payload: &'a str,
-}
-
 impl Publisher {
     fn new(connection: u64) -> Publisher {
         Publisher {
@@ -1641,7 +1636,9 @@ impl Publisher {
         id: Option<&'a str>,
         payload: &str,
     ) -> Result<Published<'a>, Reject> {
-        let (seq, ts) = self.publish_all(broker, name, &[Post { id, payload }])?;
+        let topic = self.topic(broker, name)?;
+        let mut events = vec![self.draft(&topic, id, payload)];
+        let (seq, ts) = self.publish_all(broker, &topic, &mut events)?;
         let id = match id {
             Some(raw) => MessageId::Given(raw),
             None => MessageId::Assigned(self.connection, self.unnamed),
@@ -1649,15 +1646,8 @@ impl Publisher {
         Ok(Published { id, seq, ts })
     }
 
-    /// Publishes `posts` to `name` in order, all or none: consecutive `seq`s from the one
-    /// returned, and one `ts`. A connection's burst pays for the topic lookup, the budget and
-    /// the ordering lock once.
-    fn publish_all(
-        &mut self,
-        broker: &Broker,
-        name: &str,
-        posts: &[Post],
-    ) -> Result<(u64, Timestamp), Reject> {
+    /// The topic of that name; the last one published to, while it is still the one.
+    fn topic(&mut self, broker: &Broker, name: &str) -> Result<Arc<Topic>, Reject> {
         let cached = self
             .last
             .take()
@@ -1666,31 +1656,41 @@ impl Publisher {
             Some(topic) => topic,
             None => broker.find_topic(name)?,
         };
-        let bytes = posts
-            .iter()
-            .map(|post| Event::estimate(name, post.id, post.payload))
-            .sum();
+        self.last = Some(Arc::clone(&topic));
+        Ok(topic)
+    }
+
+    /// The event of one message, `id` given (raw JSON) or assigned, ready to publish.
+    fn draft(&mut self, topic: &Topic, id: Option<&str>, payload: &str) -> Arc<Event> {
+        let id = match id {
+            Some(raw) => MessageId::Given(raw),
+            None => {
+                self.unnamed += 1;
+                MessageId::Assigned(self.connection, self.unnamed)
+            }
+        };
+        Event::draft(&topic.shared, &topic.name, id, payload)
+    }
+
+    /// Publishes the drafts `events` to `topic` in order, all or none: consecutive `seq`s
+    /// from the one returned, and one `ts`. A connection's burst pays for the budget and the
+    /// ordering lock once. Refused by the budget, `events` is left as it was, to be tried
+    /// one by one; otherwise it is emptied.
+    fn publish_all(
+        &mut self,
+        broker: &Broker,
+        topic: &Topic,
+        events: &mut Vec<Arc<Event>>,
+    ) -> Result<(u64, Timestamp), Reject> {
+        let bytes = events.iter().map(|event| event.footprint()).sum();
         broker.make_room(bytes)?;
         broker.budget.charge(bytes);
-        let ts = Timestamp::now();
-        let events = posts
-            .iter()
-            .map(|post| {
-                let id = match post.id {
-                    Some(raw) => MessageId::Given(raw),
-                    None => {
-                        self.unnamed += 1;
-                        MessageId::Assigned(self.connection, self.unnamed)
-                    }
-                };
-                Event::draft(&topic.shared, name, id, post.payload)
-            })
-            .collect();
-        let first = topic
-            .publish(events, ts)
-            .ok_or_else(|| topic_not_found(name))?;
-        self.last = Some(topic);
-        Ok(first)
+        let published = topic.publish(std::mem::take(events), Timestamp::now());
+        published.ok_or_else(|| {
+            // Nothing was sealed: the drafts carry no share of what was charged.
+            broker.budget.release(bytes);
+            topic_not_found(&topic.name)
+        })
     }
 }
 
@@ -3161,7 +3161,7 @@ pub(crate) enum ClientRequest<'a> {
 }
 
 /// An error reply: a contract code, a human message, and the status it has over REST.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Reject {
     pub(crate) code: &'static str,
     pub(crate) message: String,
@@ -4262,13 +4262,30 @@ impl Writer for WsWriter {
     }
 }
 
-/// A connection's publishes to one topic in a row, within one burst: published together
-/// when the burst ends or anything else comes, then answered in order.
+/// A connection's publishes to one topic in a row, within one burst: drafted as they come,
+/// so that each message's buffer is let go of at once, published together when the burst
+/// ends or anything else comes, then answered in order.
 #[derive(Default)]
-struct Batch<'m> {
-    topic: Cow<'m, str>,
-    posts: Vec<Post<'m>>,
-    request_ids: Vec<Option<&'m str>>,
+struct Batch {
+    topic: Option<Arc<Topic>>,
+    events: Vec<Arc<Event>>,
+    /// The requests' `request_id`s (raw JSON) end to end, and where each one is.
+    ids: String,
+    request_ids: Vec<Option<(usize, usize)>>,
+}
+
+impl Batch {
+    fn push(&mut self, event: Arc<Event>, request_id: Option<&str>) {
+        self.events.push(event);
+        self.request_ids.push(request_id.map(|id| {
+            self.ids.push_str(id);
+            (self.ids.len() - id.len(), self.ids.len())
+        }));
+    }
+
+    fn request_id(&self, k: usize) -> Option<&str> {
+        self.request_ids[k].map(|(from, to)| &self.ids[from..to])
+    }
 }
 
 /// One WebSocket connection. Its task is the only writer to the socket and owns the
@@ -4422,7 +4439,7 @@ impl Session {
                     match incoming {
                         None => return End::Closed,
                         Some(Err(e)) => return e.into(),
-                        Some(Ok(message)) => self.on_burst(vec![message]).await,
+                        Some(Ok(message)) => self.on_burst(&message).await,
                     }
                 }
                 Woke::Write => {
@@ -4443,13 +4460,18 @@ impl Session {
     /// Handles `first` and then the messages already buffered behind it (up to a bound), so a
     /// client that pipelines requests costs one trip through the loop per burst, not per
     /// message, and its publishes to one topic in a row go in together (`Batch`).
-    async fn on_burst(&mut self, mut burst: Vec<Message>) -> Result<(), End> {
+    async fn on_burst(&mut self, first: &Message) -> Result<(), End> {
         const BURST: usize = 64;
+        let mut batch = Batch::default();
         self.writer.ws.get_mut().message_done();
-        let mut bytes: usize = burst.iter().map(Message::len).sum();
+        self.on_message(first, &mut batch).await?;
+        let mut bytes = first.len();
         let mut ended = None;
-        // Gathered up to a read's worth, so a burst of large messages holds no more.
-        while burst.len() < BURST && bytes < READ_AHEAD {
+        // Up to a read's worth: replies wait for the burst's end, and may echo what it sent.
+        for _ in 1..BURST {
+            if bytes >= READ_AHEAD {
+                break;
+            }
             // Each message spends from the task's cooperative budget, so a client that floods
             // publishes yields its worker to the subscribers it is feeding.
             tokio::task::consume_budget().await;
@@ -4467,22 +4489,14 @@ impl Session {
             };
             self.writer.ws.get_mut().message_done();
             bytes += message.len();
-            burst.push(message);
-        }
-        let mut batch = Batch::default();
-        for message in &burst {
-            self.on_message(message, &mut batch).await?;
+            self.on_message(&message, &mut batch).await?;
         }
         self.publish_batch(&mut batch);
         self.writer.write_if_full().await?;
         ended.map_or(Ok(()), Err)
     }
 
-    async fn on_message<'m>(
-        &mut self,
-        message: &'m Message,
-        batch: &mut Batch<'m>,
-    ) -> Result<(), End> {
+    async fn on_message(&mut self, message: &Message, batch: &mut Batch) -> Result<(), End> {
         if let Message::Text(text) = message {
             return self.on_text(text, batch).await;
         }
@@ -4515,7 +4529,7 @@ impl Session {
         }
     }
 
-    async fn on_text<'m>(&mut self, text: &'m str, batch: &mut Batch<'m>) -> Result<(), End> {
+    async fn on_text(&mut self, text: &str, batch: &mut Batch) -> Result<(), End> {
         let (request_id, request) = decode(text);
         let costly = match &request {
             Ok(ClientRequest::Publish { .. }) => true,
@@ -4526,12 +4540,22 @@ impl Session {
         let local = matches!(self.subscriptions.broker.engine, Engine::Local);
         let request = match (spent, request) {
             (Ok(()), Ok(ClientRequest::Publish { topic, id, payload })) if local => {
-                if batch.posts.is_empty() || batch.topic != topic {
+                if batch.topic.as_ref().is_some_and(|t| t.name != topic) {
                     self.publish_batch(batch);
-                    batch.topic = topic;
                 }
-                batch.posts.push(Post { id, payload });
-                batch.request_ids.push(request_id);
+                let broker = &self.subscriptions.broker;
+                let topic = match &batch.topic {
+                    Some(topic) => topic,
+                    None => match self.publisher.topic(broker, &topic) {
+                        Ok(found) => batch.topic.insert(found),
+                        Err(e) => {
+                            self.writer.error(request_id, e);
+                            return Ok(());
+                        }
+                    },
+                };
+                let event = self.publisher.draft(topic, id, payload);
+                batch.push(event, request_id);
                 return Ok(());
             }
             (Ok(()), request) => request,
@@ -4587,31 +4611,42 @@ impl Session {
         Ok(())
     }
 
-    /// Publishes the batch, all at once, and answers each of its requests in order. If that
-    /// fails (the topic is gone, or the memory budget is spent) each message is tried alone,
-    /// so that each gets its own answer.
+    /// Publishes the batch, all at once, and answers each of its requests in order. If the
+    /// memory budget refuses it whole, each message is tried alone, so that each gets its own
+    /// answer.
     fn publish_batch(&mut self, batch: &mut Batch) {
-        if batch.posts.is_empty() {
+        let Some(topic) = batch.topic.take() else {
             return;
-        }
+        };
         let broker = &self.subscriptions.broker;
-        let (topic, posts) = (&batch.topic, &batch.posts);
-        match self.publisher.publish_all(broker, topic, posts) {
+        let count = batch.events.len();
+        match self
+            .publisher
+            .publish_all(broker, &topic, &mut batch.events)
+        {
             Ok((first, ts)) => {
-                for (request_id, seq) in batch.request_ids.iter().zip(first..) {
-                    self.writer.answer(*request_id, topic, Ok((seq, ts)));
+                for (k, seq) in (0..count).zip(first..) {
+                    self.writer
+                        .answer(batch.request_id(k), &topic.name, Ok((seq, ts)));
                 }
             }
-            Err(e) if posts.len() == 1 => self.writer.error(batch.request_ids[0], e),
-            Err(_) => {
-                for (request_id, post) in batch.request_ids.iter().zip(posts) {
-                    let published = self.publisher.publish(broker, topic, post.id, post.payload);
+            Err(e) if batch.events.is_empty() => {
+                for k in 0..count {
                     self.writer
-                        .answer(*request_id, topic, published.map(|p| (p.seq, p.ts)));
+                        .answer(batch.request_id(k), &topic.name, Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                let events = std::mem::take(&mut batch.events);
+                for (k, event) in events.into_iter().enumerate() {
+                    let published = self.publisher.publish_all(broker, &topic, &mut vec![event]);
+                    self.writer
+                        .answer(batch.request_id(k), &topic.name, published);
                 }
             }
         }
-        batch.posts.clear();
+        batch.events.clear();
+        batch.ids.clear();
         batch.request_ids.clear();
     }
 
