@@ -18,8 +18,9 @@
 //!   `fanout-1k` (1,000 subscribers), `sse-fanout` (`fanout` with Server-Sent-Events subscribers;
 //!   ours only: nats-server has no SSE), `fanin` (20 publishers, 1 subscriber), `topics` (1,000
 //!   topics, 50 publishers round-robin over all of them, 1,000 subscribers); 15 s.
-//! - `connections`: 10,000 idle subscribers on 100 topics: RSS per connection, and how long one
-//!   publish per topic takes to reach them all.
+//! - `connections`: 10,000 idle subscribers on 100 topics: RSS per connection, how long one
+//!   publish per topic takes to reach them all, and RSS per connection again 3 s after a burst
+//!   (50 events on every topic, confirmed round by round).
 //! - `mass-disconnect`: 10,000 subscribers of one topic leave at once (each sends a Close frame,
 //!   then closes its socket) while a publisher at 1,000 msg/s on another topic, with one
 //!   subscriber of its own, goes on. With `--server-pid`: the server's CPU time from the first

@@ -4606,6 +4606,7 @@ impl Session {
             ClientRequest::Unsubscribe { topic } => {
                 self.unsubscribe(request_id, &topic).await?;
             }
+            // Answered in `on_text`, which never sends it here.
             ClientRequest::Ping => {}
         }
         Ok(())
