@@ -576,11 +576,14 @@ pub(crate) async fn run(listener: TcpListener, config: Config, shutdown: impl Fu
         Level::Info,
         "shutting down: draining {open} connection(s)"
     );
+    // Before the watch: a request that sees the watch fire is then refused (503).
+    let _ = broker.drain_deadline.set(deadline);
     let _ = stop_tx.send(Some(deadline));
     // Sessions and SSE streams look at the deadline whenever they wake: this wakes them all.
-    let _ = broker.drain_deadline.set(deadline);
+    // Straight through `notify`, which stores a permit for a task that is not waiting yet:
+    // `wake` would skip a task that a publish has just woken and that has already looked.
     for outbox in broker.outboxes.iter() {
-        outbox.wake();
+        outbox.notify.notify_one();
     }
     drop(alive_rx);
     // A little past the deadline, so that connections which used all of it can still send
@@ -1423,6 +1426,7 @@ impl Event {
     /// (which `publish` never makes) is left as it is, uncharged.
     fn seal(event: &mut Arc<Event>, seq: u64, ts: Timestamp) {
         let Some(fresh) = Arc::get_mut(event) else {
+            debug_assert!(false, "a draft is never shared before it is sealed");
             return;
         };
         fresh.charged = fresh.footprint();
@@ -3988,6 +3992,8 @@ pub(crate) struct ReadAhead {
     pos: usize,
     /// The last read filled what it was given: more is probably waiting.
     busy: bool,
+    /// The last write did not take all it was given: tungstenite holds the rest.
+    blocked: bool,
     /// Bytes handed to tungstenite since the last whole message: a frame or a fragmented
     /// message still arriving, which tungstenite holds. Unread input, for the budget.
     unread: usize,
@@ -4002,6 +4008,7 @@ impl ReadAhead {
             buf: Vec::new(),
             pos: 0,
             busy: false,
+            blocked: false,
             unread: 0,
             charged: Charged::new(budget, 0),
         }
@@ -4060,7 +4067,11 @@ impl std::io::Read for ReadAhead {
 
 impl std::io::Write for ReadAhead {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.stream.try_write(data)
+        let written = self.stream.try_write(data);
+        // tungstenite keeps what did not go (a Pong, a Close reply) and writes it at its next
+        // flush: the session must come back for it even if the peer sends nothing more.
+        self.blocked = !matches!(written, Ok(n) if n == data.len());
+        written
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -4239,8 +4250,10 @@ impl Writer for WsWriter {
         });
     }
 
+    /// Counts a reply tungstenite could not write whole as a byte, so that the session
+    /// comes back to flush it.
     fn buffered(&self) -> usize {
-        self.out.len()
+        self.out.len() + usize::from(self.ws.get_ref().blocked)
     }
 
     /// Writes `out` to the socket (after whatever tungstenite itself has pending).
