@@ -4263,6 +4263,8 @@ impl Writer for WsWriter {
                 WsError::Io(e) => e,
                 e => std::io::Error::other(e),
             })?;
+            // Flushed: tungstenite holds nothing more.
+            self.ws.get_mut().blocked = false;
             if !self.out.is_empty() {
                 self.ws.get_mut().stream.write_all(&self.out).await?;
             }
