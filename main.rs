@@ -3663,6 +3663,16 @@ fn written(out: &mut Vec<u8>, charged: &mut Charged) {
     charged.track(out.capacity());
 }
 
+/// An output buffer between bursts: freed if it holds nothing, so an idle connection costs
+/// the same after a burst as before it. Called once a connection has caught up, and at each
+/// heartbeat.
+fn idle(out: &mut Vec<u8>, charged: &mut Charged) {
+    if out.is_empty() {
+        *out = Vec::new();
+    }
+    charged.track(out.capacity());
+}
+
 fn write_deadline(config: &Config) -> Duration {
     match config.heartbeat {
         beat if beat.is_zero() => WRITE_STALL_LIMIT,
@@ -4157,15 +4167,6 @@ struct WsWriter {
 }
 
 impl WsWriter {
-    /// After a burst, between heartbeats: the buffers go back to nothing, so an idle
-    /// connection costs the same after a burst as before it.
-    fn shrink(&mut self) {
-        if self.out.is_empty() {
-            self.out = Vec::new();
-        }
-        self.charged.track(self.out.capacity());
-    }
-
     /// Appends one frame whose payload is `parts`, in order.
     fn frame(&mut self, opcode: u8, parts: &[&[u8]]) {
         let len = parts.iter().map(|part| part.len()).sum();
@@ -4430,14 +4431,14 @@ impl Session {
             };
             let step = match woke {
                 Woke::Beat(Beat::Ping) => {
-                    self.writer.shrink();
+                    idle(&mut self.writer.out, &mut self.writer.charged);
                     self.writer.frame(OPCODE_PING, &[]);
                     self.writer
                         .message("info", Timestamp::now(), |json| json.plain("msg", "ping"));
                     continue;
                 }
                 Woke::Beat(Beat::Quiet) => {
-                    self.writer.shrink();
+                    idle(&mut self.writer.out, &mut self.writer.charged);
                     continue;
                 }
                 Woke::Beat(Beat::Dead) => {
@@ -4461,7 +4462,7 @@ impl Session {
                     let written = self.writer.write_out().await.map_err(End::from);
                     // Caught up: the buffer a burst grew goes now, not at the next heartbeat.
                     if !outbox.has_work() {
-                        self.writer.shrink();
+                        idle(&mut self.writer.out, &mut self.writer.charged);
                     }
                     written
                 }
@@ -4925,10 +4926,7 @@ impl SseStream {
             tokio::select! {
                 biased;
                 beat = self.heartbeat.tick() => {
-                    if self.writer.out.is_empty() {
-                        self.writer.out = Vec::new();
-                        self.writer.charged.track(0);
-                    }
+                    idle(&mut self.writer.out, &mut self.writer.charged);
                     if let Beat::Ping = beat {
                         self.writer.out.extend_from_slice(b": ping\n\n");
                     }
@@ -4942,6 +4940,10 @@ impl SseStream {
                 _ = std::future::ready(()), if pending => {
                     if self.writer.write_out().await.is_err() {
                         return;
+                    }
+                    // Caught up: the buffer a burst grew goes now, not at the next heartbeat.
+                    if !outbox.has_work() {
+                        idle(&mut self.writer.out, &mut self.writer.charged);
                     }
                 }
             }
