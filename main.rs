@@ -1863,9 +1863,14 @@ impl TokenBucket {
     }
 }
 
+/// How long to wait, in whole milliseconds rounded up: waiting as long as told is enough.
+fn retry_ms(wait: Duration) -> u64 {
+    (wait.as_nanos().div_ceil(1_000_000) as u64).max(1)
+}
+
 /// `RATE_LIMITED`, with how long to wait.
 fn rate_limited(wait: Duration) -> Reject {
-    let ms = wait.as_millis().max(1);
+    let ms = retry_ms(wait);
     reject(
         "RATE_LIMITED",
         format!("too many requests; retry in {ms} ms"),
@@ -2531,7 +2536,7 @@ fn events_request(request: &Request, name: &str) -> Result<Replay, Response> {
 /// 429 `RATE_LIMITED`, with `retry_after_ms` in the body and `Retry-After` (whole seconds).
 fn too_many_requests(wait: Duration) -> Response {
     let e = rate_limited(wait);
-    let ms = wait.as_millis().max(1) as u64;
+    let ms = retry_ms(wait);
     let response = Response::json(429, |json| {
         json.error(e.code, &e.message)
             .num("retry_after_ms", ms)
@@ -4219,7 +4224,7 @@ impl WsWriter {
     /// The refusal of a request over `RATE_LIMIT`, with when to try again.
     fn retry_later(&mut self, request_id: Option<&str>, wait: Duration) {
         let e = rate_limited(wait);
-        let ms = wait.as_millis().max(1) as u64;
+        let ms = retry_ms(wait);
         self.message("error", Timestamp::now(), |json| {
             json.request_id(request_id)
                 .error(e.code, &e.message)
